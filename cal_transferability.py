@@ -1,0 +1,261 @@
+"""Layer-wise and overall transferability of a pre-trained network on downstream tasks.
+
+    python cal_transferability.py -r random_init_model.pth -a pretrained.pth -b finetuned.pth [more.pth ...]
+
+For every fine-tuned checkpoint B it prints T per layer and the overall mean, and it can
+write JSON, CSV and a figure. With no arguments it runs on the demo checkpoints in ckpt/.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from tqdm import tqdm
+
+from metrics import NonFiniteTensorError, Transferability, TransferabilityMeter
+from models import ARCHITECTURES, GENERIC, build_model, check_architecture, infer_arch, layer_groups, num_classes_of
+from plotting import figure_format, layerwise_figure_bytes
+from utils import UserError, check_writable, commit_outputs, load_state_dict_safely, resolve_device, run_cli
+
+CKPT_DIR = Path(__file__).resolve().parent / "ckpt"
+DEMO_RANDOM = CKPT_DIR / "demo_random_init.pth"
+DEMO_PRETRAINED = CKPT_DIR / "demo_pretrained.pth"
+DEMO_FINETUNED_GLOB = "demo_finetuned_*.pth"
+RANDOM_PREFIX = "random:"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Layer-wise transferability T = D(theta_r, theta_FB) / D(theta_A, theta_FB) "
+        "of pre-trained weights theta_A on downstream tasks (D: mean absolute weight difference).",
+        epilog="With no -r/-a/-b it runs on the demo checkpoints shipped in ckpt/.",
+    )
+    parser.add_argument("-r", "--random_init", metavar="PATH",
+                        help="theta_r: the random initialisation pre-training started from, or "
+                        "'random:SEED' to draw a fresh one (an approximation; see README)")
+    parser.add_argument("-a", "--pretrained", metavar="PATH", help="theta_A: the pre-trained weights")
+    parser.add_argument("-b", "--finetuned", metavar="PATH", nargs="+", action="extend",
+                        help="theta_FB: one or more fine-tuned checkpoints")
+    parser.add_argument("--arch", choices=[*ARCHITECTURES, GENERIC],
+                        help="architecture (default: inferred from the checkpoints); 'generic' groups "
+                        "any model's weights by numbered block")
+    parser.add_argument("--labels", nargs="+", metavar="NAME",
+                        help="a label per -b file for the printout, JSON/CSV and legend (default: file names)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--csv", metavar="PATH", help="write the results as CSV, one row per layer")
+    parser.add_argument("--fig", metavar="PATH", default="Figs/transferability.png",
+                        help="figure of T per layer (default: %(default)s; .png, .pdf or .svg)")
+    parser.add_argument("--no_fig", action="store_true", help="do not draw the figure")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also print a table of D(theta_r, theta_FB), D(theta_A, theta_FB) and T per layer")
+    args = parser.parse_args(argv)
+    if args.random_init is None and args.pretrained is None and args.finetuned is None:
+        demo_finetuned = sorted(CKPT_DIR.glob(DEMO_FINETUNED_GLOB))
+        if not (DEMO_RANDOM.exists() and DEMO_PRETRAINED.exists() and demo_finetuned):
+            parser.print_usage(sys.stderr)
+            raise UserError("no checkpoints given and no demo checkpoints in ckpt/; pass -r, -a and -b")
+        args.random_init, args.pretrained = str(DEMO_RANDOM), str(DEMO_PRETRAINED)
+        args.finetuned = [str(path) for path in demo_finetuned]
+    for flag, value in (("-r", args.random_init), ("-a", args.pretrained), ("-b", args.finetuned)):
+        if value is None:
+            raise UserError(f"{flag} is required (give -r, -a and -b together, or none for the demo)")
+    if args.labels is not None and len(args.labels) != len(args.finetuned):
+        raise UserError(f"--labels: got {len(args.labels)} labels for {len(args.finetuned)} -b files; give one each")
+    return args
+
+
+@dataclass
+class Inputs:
+    arch: str
+    theta_r: Mapping[str, torch.Tensor]
+    theta_a: Mapping[str, torch.Tensor]
+    finetuned: list[tuple[str, Mapping[str, torch.Tensor]]]
+
+
+def _check_same_tensors(path: str, state_dict: Mapping[str, torch.Tensor], reference_path: str,
+                        reference: Mapping[str, torch.Tensor], keys: list[str]) -> None:
+    for key in keys:
+        if key not in state_dict:
+            raise UserError(f"{path}: tensor {key} is missing (it is in {reference_path}); "
+                            "all three checkpoints must be of the same architecture")
+        if state_dict[key].shape != reference[key].shape:
+            raise UserError(f"{path}: tensor {key} has shape {list(state_dict[key].shape)} but "
+                            f"{list(reference[key].shape)} in {reference_path}; "
+                            "all three checkpoints must be of the same architecture")
+        if not state_dict[key].is_floating_point():
+            raise UserError(f"{path}: tensor {key} is {state_dict[key].dtype}, not a floating-point weight")
+
+
+def _resolve_arch(requested: str | None, path: str, theta_a: Mapping[str, torch.Tensor]) -> str:
+    if requested == GENERIC:
+        return GENERIC
+    if requested is not None:
+        problem = check_architecture(requested, theta_a)
+        if problem:
+            found = infer_arch(theta_a)
+            seen = f"it looks like {found}" if found else problem
+            raise UserError(f"--arch {requested} does not match {path}: {seen}; fix --arch or the checkpoint")
+        return requested
+    arch = infer_arch(theta_a)
+    if arch is None:
+        raise UserError(f"{path}: cannot infer the architecture from its tensors; pass --arch NAME, "
+                        f"or --arch {GENERIC} to group the weights of any model by block (see README)")
+    return arch
+
+
+def _random_init(spec: str, arch: str, theta_a: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seed_text = spec[len(RANDOM_PREFIX):]
+    try:
+        seed = int(seed_text)
+    except ValueError:
+        raise UserError(f"-r {spec}: the seed must be an integer, as in -r random:0") from None
+    if arch == GENERIC:
+        raise UserError(f"-r {spec}: drawing an initialisation needs a known --arch, not {GENERIC}")
+    warnings.warn(f"-r {spec} draws a fresh initialisation of {arch}; the paper measures against the "
+                  "initialisation pre-training actually started from, so T is only an approximation")
+    torch.manual_seed(seed)
+    return build_model(arch, num_classes_of(arch, theta_a)).state_dict()
+
+
+def load_inputs(args: argparse.Namespace) -> Inputs:
+    """Read every checkpoint once and check that they belong together."""
+    theta_a = load_state_dict_safely(args.pretrained)
+    arch = _resolve_arch(args.arch, args.pretrained, theta_a)
+    keys = [k for g in layer_groups(arch, theta_a) if not g.is_head for k in g.keys]
+    if not keys:
+        raise UserError(f"{args.pretrained}: holds no weight tensors to compare")
+    _check_same_tensors(args.pretrained, theta_a, args.pretrained, theta_a, keys)
+
+    others: list[tuple[str, Mapping[str, torch.Tensor]]] = []
+    if args.random_init.startswith(RANDOM_PREFIX):
+        theta_r = _random_init(args.random_init, arch, theta_a)
+    else:
+        theta_r = load_state_dict_safely(args.random_init)
+        others.append((args.random_init, theta_r))
+    finetuned = [(path, load_state_dict_safely(path)) for path in args.finetuned]
+    for path, state_dict in others + finetuned:
+        if arch != GENERIC and check_architecture(arch, state_dict) is not None:
+            found = infer_arch(state_dict)
+            if found is not None:
+                raise UserError(f"{path}: is a {found} checkpoint but {args.pretrained} is {arch}; "
+                                "all three checkpoints must be of the same architecture")
+        _check_same_tensors(path, state_dict, args.pretrained, theta_a, keys)
+    return Inputs(arch, theta_r, theta_a, finetuned)
+
+
+def _fmt(value: float) -> float:
+    return round(value, 2) if math.isfinite(value) else value
+
+
+def _number(value: float | None) -> float | None:
+    """JSON has no inf/nan: undefined numbers are written as null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def report(result: Transferability, verbose: bool) -> None:
+    if verbose:
+        print(f"{'#':>3}  {'layer':<36} {'D(r,FB)':>12} {'D(A,FB)':>12} {'T':>8}  status")
+        for i, layer in enumerate(result.layers, 1):
+            d_r = "-" if layer.d_random is None else f"{layer.d_random:.6g}"
+            d_a = "-" if layer.d_pretrained is None else f"{layer.d_pretrained:.6g}"
+            print(f"{i:>3}  {layer.name:<36} {d_r:>12} {d_a:>12} {layer.transferability:>8.2f}  {layer.status}")
+    print("Layer-wise transferability: ", [_fmt(v) for v in result.values])
+    print(f"Overall transferability: {result.overall:.2f}")
+
+
+def results_json(args: argparse.Namespace, arch: str, results: list[tuple[str, str, Transferability]]) -> dict:
+    return {
+        "arch": arch,
+        "random_init": args.random_init,
+        "pretrained": args.pretrained,
+        "results": [
+            {
+                "finetuned": path,
+                "label": label,
+                "overall": _number(result.overall),
+                "layers": [
+                    {
+                        "name": layer.name,
+                        "transferability": _number(layer.transferability),
+                        "d_random": _number(layer.d_random),
+                        "d_pretrained": _number(layer.d_pretrained),
+                        "status": layer.status,
+                    }
+                    for layer in result.layers
+                ],
+            }
+            for path, label, result in results
+        ],
+    }
+
+
+def results_csv(results: list[tuple[str, str, Transferability]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["finetuned", "label", "overall", "index", "layer", "transferability",
+                     "d_random", "d_pretrained", "status"])
+    for path, label, result in results:
+        for i, layer in enumerate(result.layers, 1):
+            writer.writerow([path, label, repr(result.overall), i, layer.name, repr(layer.transferability),
+                             "" if layer.d_random is None else repr(layer.d_random),
+                             "" if layer.d_pretrained is None else repr(layer.d_pretrained), layer.status])
+    return out.getvalue()
+
+
+def default_labels(paths: list[str]) -> list[str]:
+    names = [Path(p).name for p in paths]
+    return names if len(set(names)) == len(names) else list(paths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    outputs = {flag: check_writable(path, flag) for flag, path in
+               (("--json", args.json), ("--csv", args.csv), ("--fig", None if args.no_fig else args.fig)) if path}
+    if "--fig" in outputs and figure_format(args.fig) is None:
+        raise UserError(f"--fig {args.fig}: unknown image format; end the name in .png, .pdf or .svg")
+    device = resolve_device(args.device)
+    inputs = load_inputs(args)
+    meter = TransferabilityMeter(layer_groups(inputs.arch, inputs.theta_a), inputs.theta_r, inputs.theta_a, device)
+
+    labels = args.labels or default_labels(args.finetuned)
+    results = []
+    for (path, theta_b), label in zip(tqdm(inputs.finetuned, desc="fine-tuned", disable=None, leave=False), labels):
+        print(f"theta_FB: {label}", flush=True)
+        try:
+            result = meter(theta_b)
+        except NonFiniteTensorError as err:
+            where = {"random": args.random_init, "pretrained": args.pretrained, "finetuned": path}[err.role]
+            raise UserError(f"{where}: tensor {err.key} holds NaN or Inf; the checkpoint is broken") from None
+        report(result, args.verbose)
+        results.append((path, label, result))
+
+    writers = []
+    if "--json" in outputs:
+        text = json.dumps(results_json(args, inputs.arch, results), indent=2, allow_nan=False) + "\n"
+        writers.append((outputs["--json"], lambda f, text=text: f.write(text), "w"))
+    if "--csv" in outputs:
+        text = results_csv(results)
+        writers.append((outputs["--csv"], lambda f, text=text: f.write(text), "w"))
+    if "--fig" in outputs:
+        xlabel = "block" if ARCHITECTURES.get(inputs.arch) and ARCHITECTURES[inputs.arch].family == "vit" else "layer"
+        image = layerwise_figure_bytes([(label, r.values, r.overall) for _, label, r in results],
+                                       figure_format(args.fig), xlabel)
+        writers.append((outputs["--fig"], lambda f, image=image: f.write(image), "wb"))
+    commit_outputs(writers)
+    for flag, path in outputs.items():
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,54 @@
+"""Figures, drawn headless (matplotlib's Agg backend) and written to files."""
+from __future__ import annotations
+
+import io
+import math
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def layerwise_figure_bytes(
+    curves: Sequence[tuple[str, Sequence[float], float]], fmt: str = "png", xlabel: str = "layer"
+) -> bytes:
+    """Layer-wise transferability, one line with markers per ``(label, values, mean)``.
+
+    Points are numbered from 1 in forward order. Infinite values (frozen layers) leave a
+    gap in the line and are counted in the legend. One curve is titled with its mean, as
+    in the paper's figure; several curves carry their means in the legend.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=150)
+    try:
+        for label, values, mean in curves:
+            xs = range(1, len(values) + 1)
+            ys = [v if math.isfinite(v) else math.nan for v in values]
+            frozen = sum(1 for v in values if not math.isfinite(v))
+            text = f"{label} (mean {mean:.2f})" + (f", {frozen} frozen" if frozen else "")
+            ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.5, label=text)
+        if len(curves) == 1:
+            ax.set_title(f"Transferability (mean {curves[0][2]:.2f})")
+        else:
+            ax.set_title("Transferability")
+        if len(curves) > 1 or any(not math.isfinite(v) for _, values, _ in curves for v in values):
+            ax.legend(fontsize="small")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("transferability")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt)
+        return buffer.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def figure_format(path: str) -> str | None:
+    """The image format a figure path asks for (by suffix), or None if matplotlib lacks it."""
+    fmt = path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    return fmt if fmt in FigureCanvasBase.get_supported_filetypes() else None

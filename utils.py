@@ -1,0 +1,216 @@
+"""Small helpers shared by every script: user errors, devices, safe checkpoint I/O.
+
+Checkpoints are only ever read with ``torch.load(weights_only=True)``: a file that needs
+arbitrary unpickling (a pickled ``nn.Module``, a custom class) is refused before any of its
+code can run. Every file this project writes goes through :func:`commit_outputs`, so a crash
+never leaves a half-written output behind.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import sys
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+# Wrappers that training scripts put around a state dict, tried in this order.
+STATE_DICT_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+# Prefixes added by DistributedDataParallel / DataParallel and torch.compile.
+STATE_DICT_PREFIXES = ("module.", "_orig_mod.")
+# torchvision's old DenseNet checkpoints name ``norm1`` as ``norm.1`` (and so on).
+_LEGACY_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12])\.(.+)$")
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, flag or file). Scripts print it on one line
+    and exit with status 2; it never produces a traceback."""
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run a script's ``main`` and turn a :class:`UserError` into ``prog: error: ...`` + 2."""
+    prog = Path(sys.argv[0]).name or "python"
+    warnings.formatwarning = lambda msg, *args, **kwargs: f"warning: {msg}\n"
+    warnings.simplefilter("always")  # one warning per fine-tuned checkpoint, not one per run
+    try:
+        return main(argv)
+    except UserError as err:
+        message = " ".join(str(err).split())  # one line, whatever the message holds
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
+
+
+# ------------------------------------------------------------------- checkpoint reading
+
+
+def _torch_load(path: Path) -> object:
+    """``torch.load`` with the restricted unpickler, memory-mapped where the format allows
+    (files in the legacy pre-zip format cannot be mapped and are read normally)."""
+    for mmap in (True, False):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as err:
+            raise UserError(
+                f"{path}: refused to load: it needs unsafe unpickling ({_first_line(err)}); "
+                "save a state dict instead (torch.save(model.state_dict(), PATH))"
+            ) from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as err:
+            if not (mmap and "mmap" in str(err)):
+                raise UserError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from None
+    raise AssertionError("unreachable")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:160] if text else type(err).__name__
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(
+            f"{path}: reading .safetensors files needs the safetensors package "
+            "(pip install safetensors)"
+        ) from None
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+
+
+def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor] | None:
+    """Find the tensor dict inside a loaded checkpoint; ``None`` when there is none.
+
+    Accepts a plain state dict or one nested under ``state_dict`` / ``model`` /
+    ``model_state_dict``; strips ``module.`` and ``_orig_mod.`` prefixes and renames
+    torchvision's legacy DenseNet keys. Non-tensor entries are dropped.
+    """
+    for _ in range(3):  # a training checkpoint may nest once or twice
+        if not isinstance(obj, Mapping):
+            return None
+        inner = next((obj[k] for k in STATE_DICT_WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None or any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        obj = inner
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            continue
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in STATE_DICT_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        key = _LEGACY_DENSENET_KEY.sub(r"\1\2.\3", key)
+        tensors[key] = value
+    return tensors or None
+
+
+def load_state_dict_safely(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict on the CPU, safely.
+
+    ``.pt``/``.pth``/``.pth.tar`` files go through ``torch.load(weights_only=True,
+    mmap=True)``, so tensors are paged in only when used; ``.safetensors`` files through
+    the safetensors package. Raises :class:`UserError` for anything a user can fix.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a checkpoint file")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{path}: cannot be read (permission denied)")
+    if path.suffix == ".safetensors":
+        obj: object = _load_safetensors(path)
+    else:
+        obj = _torch_load(path)
+    state_dict = unwrap_state_dict(obj)
+    if state_dict is None:
+        raise UserError(
+            f"{path}: holds no tensors (a {type(obj).__name__}); expected a state dict, "
+            "or a dict with one under 'state_dict' or 'model'"
+        )
+    return state_dict
+
+
+# ------------------------------------------------------------------------ safe writing
+
+
+def check_writable(path: str | os.PathLike, flag: str) -> Path:
+    """Fail early (before any work) when ``path`` could not be written later."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is not a directory; choose another path")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path}: not writable (permission denied); choose another path")
+    return path
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write a plain tensor dict atomically, in the format :func:`load_state_dict_safely` reads."""
+    write_atomically(Path(path), lambda handle: torch.save(dict(state_dict), handle))
+
+
+def commit_outputs(writers: Iterable[tuple[Path, Callable[[object], None], str]]) -> None:
+    """Write several outputs so that either all of them appear or none changes.
+
+    Each item is ``(path, write(handle), mode)``. All are written to temporary files first;
+    only when every one succeeded are they moved into place.
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, write, mode in writers:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            staged.append((tmp, path))
+            with os.fdopen(fd, mode) as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def write_atomically(path: Path, write: Callable[[object], None], mode: str = "wb") -> None:
+    """Write one file through a temporary file and ``os.replace``: all of it or nothing."""
+    commit_outputs([(path, write, mode)])
