@@ -13,7 +13,6 @@ import re
 import sys
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -82,7 +81,12 @@ def _torch_load(path: Path) -> object:
                 f"{path}: refused to load: it needs unsafe unpickling ({_first_line(err)}); "
                 "save a state dict instead (torch.save(model.state_dict(), PATH))"
             ) from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as err:
+        except MemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            # torch.load's parsers fail on a damaged file with almost any exception type
+            # (RuntimeError, EOFError, KeyError, IndexError, struct.error, AssertionError...):
+            # all of them mean the file is not a readable checkpoint.
             if not (mmap and "mmap" in str(err)):
                 raise UserError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from None
     raise AssertionError("unreachable")
