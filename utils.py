@@ -75,12 +75,17 @@ def _torch_load(path: Path) -> object:
     (files in the legacy pre-zip format cannot be mapped and are read normally)."""
     for mmap in (True, False):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not the user's concern
+                warnings.simplefilter("ignore")
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as err:
-            raise UserError(
-                f"{path}: refused to load: it needs unsafe unpickling ({_first_line(err)}); "
-                "save a state dict instead (torch.save(model.state_dict(), PATH))"
-            ) from None
+            reason = _unpickler_reason(err)
+            if "global" in reason.lower():  # an object the restricted unpickler will not build
+                raise UserError(
+                    f"{path}: refused to load: it needs unsafe unpickling ({reason}); "
+                    "save a state dict instead (torch.save(model.state_dict(), PATH))"
+                ) from None
+            raise UserError(f"{path}: not a PyTorch checkpoint ({reason})") from None
         except MemoryError:
             raise
         except Exception as err:  # noqa: BLE001
@@ -90,6 +95,14 @@ def _torch_load(path: Path) -> object:
             if not (mmap and "mmap" in str(err)):
                 raise UserError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from None
     raise AssertionError("unreachable")
+
+
+def _unpickler_reason(err: pickle.UnpicklingError) -> str:
+    """What torch's long weights-only message says was refused, in one short sentence."""
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))
+    if not match:
+        return _first_line(err)
+    return match.group(1).split(". ")[0].strip()[:160]
 
 
 def _first_line(err: BaseException) -> str:
@@ -203,6 +216,9 @@ def commit_outputs(writers: Iterable[tuple[Path, Callable[[object], None], str]]
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             staged.append((tmp, path))
+            # mkstemp makes the file private (0600); give it the mode a plain open() would,
+            # or the mode of the file it replaces.
+            os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
             with os.fdopen(fd, mode) as handle:
                 write(handle)
                 handle.flush()
@@ -213,6 +229,12 @@ def commit_outputs(writers: Iterable[tuple[Path, Callable[[object], None], str]]
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_atomically(path: Path, write: Callable[[object], None], mode: str = "wb") -> None:

@@ -1,0 +1,475 @@
+"""cal_transferability.py end to end: user errors (one line, status 2, nothing written) and
+the outputs of valid runs (printout, JSON, CSV, figure) on trios whose answers are known."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import cal_transferability
+from metrics import FrozenLayerWarning
+from models import build_model
+from utils import run_cli
+
+PROG = "cal_transferability.py"
+REPO = Path(__file__).resolve().parents[1]
+RESNET20_POINTS = ["conv1", "layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2",
+                   "layer3.0", "layer3.1", "layer3.2", "fc"]
+OLD_CSV = "this file was here before\n"
+
+
+@dataclass
+class CliResult:
+    status: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cal_cli(capsys, monkeypatch):
+    """``cal_cli(*argv)`` runs ``cal_transferability.main`` in-process as the script would."""
+    monkeypatch.setattr(sys, "argv", [PROG])  # the program name of the error prefix
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # run_cli replaces it
+
+    def run(*argv) -> CliResult:
+        capsys.readouterr()
+        status = run_cli(cal_transferability.main, [str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return CliResult(status, out, err)
+
+    return run
+
+
+class GuardedOutputs:
+    """--json/--csv/--fig paths in one folder; the CSV exists beforehand with old content."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "outputs"
+        self.dir.mkdir(parents=True)
+        self.json, self.csv, self.fig = self.dir / "results.json", self.dir / "results.csv", self.dir / "fig.png"
+        self.csv.write_text(OLD_CSV)
+
+    def argv(self, **override: object) -> list[str]:
+        paths = {"json": self.json, "csv": self.csv, "fig": self.fig, **override}
+        return [item for flag, path in paths.items() for item in (f"--{flag}", str(path))]
+
+    def assert_untouched(self) -> None:
+        assert not self.json.exists()
+        assert not self.fig.exists()
+        assert self.csv.read_text() == OLD_CSV
+        assert os.listdir(self.dir) == ["results.csv"]  # no temporary file either
+
+
+@pytest.fixture
+def guarded_outputs(tmp_path) -> GuardedOutputs:
+    return GuardedOutputs(tmp_path)
+
+
+def assert_user_error(result: CliResult, *needles: object) -> str:
+    """Status 2 and exactly one stderr line, ``prog: error: ...``, naming every needle."""
+    assert result.status == 2, (result.out, result.err)
+    assert "Traceback" not in result.err
+    lines = result.err.splitlines()
+    assert len(lines) == 1, result.err
+    line = lines[0]
+    assert line.startswith(f"{PROG}: error: "), line
+    for needle in needles:
+        assert str(needle) in line, (needle, line)
+    return line
+
+
+def trio_argv(trio, *finetuned: Path) -> list[str]:
+    return ["-r", str(trio.r), "-a", str(trio.a), "-b", *[str(p) for p in (finetuned or (trio.b,))]]
+
+
+def printed_values(out: str) -> list[str]:
+    """The printed lists, as text: 'Layer-wise transferability:  [...]' lines."""
+    prefix = "Layer-wise transferability:  "
+    return [line[len(prefix):] for line in out.splitlines() if line.startswith(prefix)]
+
+
+# ------------------------------------------------------------------------------ unreadable files
+
+
+def test_missing_finetuned_file(cal_cli, tiny_trio, guarded_outputs, tmp_path):
+    missing = tmp_path / "not_there.pth"
+    result = cal_cli(*trio_argv(tiny_trio, tiny_trio.b, missing), *guarded_outputs.argv())
+    assert_user_error(result, missing, "no such file")
+    guarded_outputs.assert_untouched()
+
+
+def test_directory_as_pretrained(cal_cli, tiny_trio, guarded_outputs, tmp_path):
+    folder = tmp_path / "a_folder.pth"
+    folder.mkdir()
+    result = cal_cli("-r", tiny_trio.r, "-a", folder, "-b", tiny_trio.b, *guarded_outputs.argv())
+    assert_user_error(result, folder, "directory")
+    guarded_outputs.assert_untouched()
+
+
+def test_file_that_is_no_checkpoint_as_finetuned(cal_cli, tiny_trio, guarded_outputs, tmp_path):
+    notes = tmp_path / "notes.pth"
+    notes.write_text("epoch 3, accuracy 0.91\n")
+    result = cal_cli(*trio_argv(tiny_trio, notes), *guarded_outputs.argv())
+    assert_user_error(result, notes, "not a PyTorch checkpoint")
+    guarded_outputs.assert_untouched()
+
+
+class CreatesFile:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def malicious_checkpoint(tmp_path: Path, state: dict) -> tuple[Path, Path]:
+    """A checkpoint with real weights and a payload that creates ``marker`` when unpickled."""
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pth"
+    torch.save({**state, "payload": CreatesFile(marker)}, path)
+    return path, marker
+
+
+def test_malicious_pickle_as_finetuned(cal_cli, tiny_trio, guarded_outputs, tmp_path):
+    evil, marker = malicious_checkpoint(tmp_path, tiny_trio.theta_b)
+    result = cal_cli(*trio_argv(tiny_trio, evil), *guarded_outputs.argv())
+    assert_user_error(result, evil, "unsafe unpickling")
+    assert not marker.exists()
+    guarded_outputs.assert_untouched()
+
+
+# -------------------------------------------------------------------- checkpoints that disagree
+
+
+def test_finetuned_of_another_architecture(cal_cli, tiny_trio, guarded_outputs, tmp_path):
+    torch.manual_seed(1)
+    other = tiny_trio.save_b(tmp_path / "resnet32_b.pth", build_model("resnet32", 10).state_dict())
+    result = cal_cli(*trio_argv(tiny_trio, other), *guarded_outputs.argv())
+    line = assert_user_error(result, other, "resnet32")
+    assert line.startswith(f"{PROG}: error: {other}:")  # the B file is the one blamed
+    guarded_outputs.assert_untouched()
+
+
+def test_non_head_tensor_missing_from_finetuned(cal_cli, tiny_trio, guarded_outputs, tmp_path):
+    theta_b = dict(tiny_trio.theta_b)
+    del theta_b["layer2.1.conv2.weight"]
+    broken = tiny_trio.save_b(tmp_path / "b_missing.pth", theta_b)
+    result = cal_cli(*trio_argv(tiny_trio, broken), *guarded_outputs.argv())
+    assert_user_error(result, broken, "layer2.1.conv2.weight", "missing")
+    guarded_outputs.assert_untouched()
+
+
+def test_tensor_of_another_shape_in_random_init(cal_cli, tiny_trio, guarded_outputs, tmp_path):
+    theta_r = dict(tiny_trio.theta_r)
+    theta_r["layer1.0.conv1.weight"] = torch.randn(16, 16, 1, 1)
+    r_path = tmp_path / "r_reshaped.pth"
+    torch.save(theta_r, r_path)
+    result = cal_cli("-r", r_path, "-a", tiny_trio.a, "-b", tiny_trio.b, *guarded_outputs.argv())
+    assert_user_error(result, r_path, "layer1.0.conv1.weight", "[16, 16, 1, 1]")
+    guarded_outputs.assert_untouched()
+
+
+def test_nan_in_a_used_tensor_of_finetuned(cal_cli, tiny_trio, guarded_outputs, tmp_path):
+    theta_b = {k: v.clone() for k, v in tiny_trio.theta_b.items()}
+    theta_b["layer3.2.conv2.weight"][5, 3, 1, 1] = math.nan
+    broken = tiny_trio.save_b(tmp_path / "b_nan.pth", theta_b)
+    # The good B comes first: its results must not be written when the second one fails.
+    result = cal_cli(*trio_argv(tiny_trio, tiny_trio.b, broken), *guarded_outputs.argv())
+    assert_user_error(result, broken, "layer3.2.conv2.weight", "NaN")
+    guarded_outputs.assert_untouched()
+
+
+def test_inf_in_a_used_tensor_of_random_init(cal_cli, tiny_trio, guarded_outputs, tmp_path):
+    theta_r = {k: v.clone() for k, v in tiny_trio.theta_r.items()}
+    theta_r["conv1.weight"][0, 0, 0, 0] = math.inf
+    r_path = tmp_path / "r_inf.pth"
+    torch.save(theta_r, r_path)
+    result = cal_cli("-r", r_path, "-a", tiny_trio.a, "-b", tiny_trio.b, *guarded_outputs.argv())
+    line = assert_user_error(result, r_path, "conv1.weight", "Inf")
+    assert str(tiny_trio.b) not in line  # the broken file is r, not B
+    guarded_outputs.assert_untouched()
+
+
+# ------------------------------------------------------------------------------ architectures
+
+
+def test_arch_flag_that_does_not_match(cal_cli, tiny_trio, guarded_outputs):
+    result = cal_cli(*trio_argv(tiny_trio), "--arch", "resnet32", *guarded_outputs.argv())
+    assert_user_error(result, "--arch resnet32", tiny_trio.a, "resnet20")
+    guarded_outputs.assert_untouched()
+
+
+def small_mlp_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    return model.state_dict()
+
+
+def test_unknown_model_asks_for_arch_generic_and_works_with_it(cal_cli, make_tiny_trio, guarded_outputs):
+    trio = make_tiny_trio("mlp", state=small_mlp_state(), t_by_layer={"0": 3.0, "2": 5.0})
+    result = cal_cli(*trio_argv(trio), *guarded_outputs.argv())
+    assert_user_error(result, trio.a, "--arch generic")
+    guarded_outputs.assert_untouched()
+
+    result = cal_cli(*trio_argv(trio), "--arch", "generic", "--no_fig")
+    assert result.status == 0, result.err
+    assert printed_values(result.out) == ["[3.0, 5.0, 1.0]"]  # Linear 0, Linear 2, head (Linear 4)
+    assert "Overall transferability: 4.00" in result.out.splitlines()
+
+
+# ---------------------------------------------------------------------------- output paths
+
+
+def test_output_path_whose_parent_is_a_regular_file(cal_cli, tiny_trio, guarded_outputs, tmp_path):
+    blocker = tmp_path / "plain_file"
+    blocker.write_text("x")
+    target = blocker / "results.json"
+    result = cal_cli(*trio_argv(tiny_trio), *guarded_outputs.argv(json=target))
+    assert_user_error(result, f"--json {target}")
+    assert blocker.read_text() == "x"
+    guarded_outputs.assert_untouched()
+
+
+def test_figure_with_unknown_suffix(cal_cli, tiny_trio, guarded_outputs):
+    figure = guarded_outputs.dir / "fig.xyz"
+    result = cal_cli(*trio_argv(tiny_trio), *guarded_outputs.argv(fig=figure))
+    assert_user_error(result, f"--fig {figure}", ".png")
+    assert not figure.exists()
+    guarded_outputs.assert_untouched()
+
+
+def test_json_path_that_is_a_directory(cal_cli, tiny_trio, guarded_outputs, tmp_path):
+    folder = tmp_path / "results.json"
+    folder.mkdir()
+    result = cal_cli(*trio_argv(tiny_trio), *guarded_outputs.argv(json=folder))
+    assert_user_error(result, f"--json {folder}", "directory")
+    assert folder.is_dir() and os.listdir(folder) == []
+    guarded_outputs.assert_untouched()
+
+
+# ---------------------------------------------------------------------------------- flags
+
+
+def test_random_init_seed_that_is_not_an_integer(cal_cli, tiny_trio, guarded_outputs):
+    result = cal_cli("-r", "random:abc", "-a", tiny_trio.a, "-b", tiny_trio.b, *guarded_outputs.argv())
+    assert_user_error(result, "-r random:abc")
+    guarded_outputs.assert_untouched()
+
+
+def test_label_count_that_does_not_match_the_finetuned_files(cal_cli, tiny_trio, guarded_outputs):
+    result = cal_cli(*trio_argv(tiny_trio), "--labels", "cifar10", "dtd", *guarded_outputs.argv())
+    assert_user_error(result, "--labels", "2 labels", "1 -b")
+    guarded_outputs.assert_untouched()
+
+
+def test_pretrained_without_finetuned(cal_cli, tiny_trio, guarded_outputs):
+    result = cal_cli("-r", tiny_trio.r, "-a", tiny_trio.a, *guarded_outputs.argv())
+    assert_user_error(result, "-b is required")
+    guarded_outputs.assert_untouched()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_cuda_device_without_a_gpu(cal_cli, tiny_trio, guarded_outputs):
+    result = cal_cli(*trio_argv(tiny_trio), "--device", "cuda", *guarded_outputs.argv())
+    assert_user_error(result, "--device cuda")
+    guarded_outputs.assert_untouched()
+
+
+# ------------------------------------------------------------------------------ valid runs
+
+
+def test_valid_trio_prints_the_seed_format(cal_cli, tiny_trio):
+    result = cal_cli(*trio_argv(tiny_trio), "--no_fig")
+    assert result.status == 0, result.err
+    assert result.out.splitlines() == [
+        f"theta_FB: {tiny_trio.b.name}",
+        "Layer-wise transferability:  [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 1.0]",
+        "Overall transferability: 3.00",
+    ]
+    assert result.err == ""
+
+
+def test_json_output_schema_and_values(cal_cli, tiny_trio, tmp_path):
+    out = tmp_path / "deeper" / "results.json"
+    result = cal_cli(*trio_argv(tiny_trio), "--json", out, "--no_fig")
+    assert result.status == 0, result.err
+    assert f"wrote {out}" in result.err
+    data = json.loads(out.read_text())
+    assert data["arch"] == "resnet20"
+    assert data["random_init"] == str(tiny_trio.r) and data["pretrained"] == str(tiny_trio.a)
+    [entry] = data["results"]
+    assert entry["finetuned"] == str(tiny_trio.b)
+    assert entry["label"] == tiny_trio.b.name
+    assert entry["overall"] == pytest.approx(3.0, rel=1e-4)
+    layers = entry["layers"]
+    assert [layer["name"] for layer in layers] == RESNET20_POINTS
+    for layer in layers:
+        assert set(layer) == {"name", "transferability", "d_random", "d_pretrained", "status"}
+    head = layers[-1]
+    assert head == {"name": "fc", "transferability": 1.0, "d_random": None, "d_pretrained": None, "status": "head"}
+    # Distances by hand: theta_B - theta_A = delta and theta_B - theta_r = 3 delta.
+    stem_d = tiny_trio.delta["conv1.weight"].abs().double().mean().item()
+    assert layers[0]["d_pretrained"] == pytest.approx(stem_d, rel=1e-4)
+    assert layers[0]["d_random"] == pytest.approx(3 * stem_d, rel=1e-4)
+    block = [tiny_trio.delta[f"layer2.0.conv{i}.weight"].abs().double().mean().item() for i in (1, 2)]
+    assert layers[4]["d_pretrained"] == pytest.approx(sum(block) / 2, rel=1e-4)  # downsample not counted
+    for layer in layers[:-1]:
+        assert layer["status"] == "layer"
+        assert layer["transferability"] == pytest.approx(3.0, rel=1e-4)
+
+
+def test_two_finetuned_checkpoints_give_two_results_csv_rows_and_one_png(cal_cli, tiny_trio, tmp_path):
+    # theta_B2 = theta_A + 2 delta: D(r, B2) = 4 |delta|, D(A, B2) = 2 |delta|, so T = 2.
+    b2 = tiny_trio.save_b(tmp_path / "b2.pth", {k: v + 2 * tiny_trio.delta[k] if k in tiny_trio.delta else v
+                                                  for k, v in tiny_trio.theta_a.items()})
+    out = tmp_path / "out"
+    result = cal_cli("-r", tiny_trio.r, "-a", tiny_trio.a, "-b", tiny_trio.b, "-b", b2,  # -b repeated
+                     "--labels", "cifar10", "dtd",
+                     "--json", out / "r.json", "--csv", out / "r.csv", "--fig", out / "fig.png")
+    assert result.status == 0, result.err
+    assert printed_values(result.out) == ["[3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 1.0]",
+                                          "[2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 1.0]"]
+    assert [line for line in result.out.splitlines() if line.startswith("Overall")] == [
+        "Overall transferability: 3.00", "Overall transferability: 2.00"]
+
+    data = json.loads((out / "r.json").read_text())
+    assert [(e["finetuned"], e["label"]) for e in data["results"]] == [(str(tiny_trio.b), "cifar10"),
+                                                                       (str(b2), "dtd")]
+    assert [round(e["overall"], 4) for e in data["results"]] == [3.0, 2.0]
+
+    with open(out / "r.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["finetuned", "label", "overall", "index", "layer", "transferability",
+                             "d_random", "d_pretrained", "status"]
+    assert len(rows) == 2 * len(RESNET20_POINTS)
+    assert [(r["label"], int(r["index"]), r["layer"]) for r in rows] == [
+        (label, i, name) for label in ("cifar10", "dtd") for i, name in enumerate(RESNET20_POINTS, 1)]
+    assert [round(float(r["transferability"]), 4) for r in rows[10:12]] == [1.0, 2.0]
+
+    assert (out / "fig.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert sorted(os.listdir(out)) == ["fig.png", "r.csv", "r.json"]  # one figure, no temporaries
+
+
+def test_finetuned_head_with_another_class_count(cal_cli, tiny_trio, tmp_path):
+    theta_b = dict(tiny_trio.theta_b)
+    theta_b["fc.weight"], theta_b["fc.bias"] = torch.randn(5, 64), torch.randn(5)
+    b5 = tiny_trio.save_b(tmp_path / "b_5_classes.pth", theta_b)
+    result = cal_cli(*trio_argv(tiny_trio, b5), "--no_fig")
+    assert result.status == 0, result.err
+    assert printed_values(result.out) == ["[3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 1.0]"]
+
+
+def test_random_init_seed_redraws_the_seeded_initialisation(cal_cli, tiny_trio):
+    # The trio's theta_r is resnet20 initialised after torch.manual_seed(0), so -r random:0
+    # must give exactly the same numbers as -r r.pth, and warn that it is an approximation.
+    saved = cal_cli(*trio_argv(tiny_trio), "--no_fig")
+    with pytest.warns(UserWarning, match="approximation"):
+        drawn = cal_cli("-r", "random:0", "-a", tiny_trio.a, "-b", tiny_trio.b, "--no_fig")
+    assert drawn.status == 0, drawn.err
+    assert drawn.out == saved.out
+    assert "Overall transferability: 3.00" in drawn.out.splitlines()
+
+
+FROZEN_T = {"conv1": 2, "layer1.0": 3, "layer1.1": 4, "layer1.2": 5, "layer2.0": 6, "layer2.1": 7,
+            "layer2.2": 8, "layer3.0": 9, "layer3.1": 10, "layer3.2": 11}
+
+
+def test_frozen_layer_is_inf_warned_null_in_json_and_left_out_of_the_mean(cal_cli, make_tiny_trio, tmp_path):
+    trio = make_tiny_trio("frozen", t_by_layer=FROZEN_T, frozen=("layer2.1",))
+    out = tmp_path / "out"
+    with pytest.warns(FrozenLayerWarning, match="layer2.1"):
+        result = cal_cli(*trio_argv(trio), "--json", out / "r.json", "--csv", out / "r.csv", "--no_fig")
+    assert result.status == 0, result.err
+    assert printed_values(result.out) == ["[2.0, 3.0, 4.0, 5.0, 6.0, inf, 8.0, 9.0, 10.0, 11.0, 1.0]"]
+    # Mean of the other nine non-head points: (2+3+4+5+6+8+9+10+11) / 9 = 58 / 9 = 6.44.
+    assert "Overall transferability: 6.44" in result.out.splitlines()
+
+    layers = json.loads((out / "r.json").read_text())["results"][0]["layers"]
+    frozen = layers[5]
+    assert frozen["name"] == "layer2.1" and frozen["status"] == "frozen"
+    assert frozen["transferability"] is None and frozen["d_pretrained"] == 0.0
+    assert frozen["d_random"] > 0
+    assert json.loads((out / "r.json").read_text())["results"][0]["overall"] == pytest.approx(58 / 9, rel=1e-4)
+    with open(out / "r.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows[5]["layer"] == "layer2.1" and rows[5]["transferability"] == "inf" and rows[5]["status"] == "frozen"
+
+
+# ------------------------------------------------------------- as a script, in a subprocess
+
+
+@dataclass
+class ScriptRun:
+    proc: subprocess.CompletedProcess
+    paths: dict
+
+
+@pytest.fixture(scope="module")
+def script_runs(tmp_path_factory, build_tiny_trio) -> dict[str, ScriptRun]:
+    """``python cal_transferability.py ...`` three times, started together (each run spends
+    its ~3 s importing torch, so they overlap on the CPU cores)."""
+    root = tmp_path_factory.mktemp("script")
+    trio = build_tiny_trio(root / "trio")
+    frozen = build_tiny_trio(root / "frozen", frozen=("layer3.0",))
+    missing = root / "not_there.pth"
+    evil, marker = malicious_checkpoint(root, trio.theta_b)
+    outputs = {name: GuardedOutputs(root / name) for name in ("missing", "evil")}
+    cases = {
+        "missing": (trio_argv(trio, missing) + outputs["missing"].argv(), {"missing": missing}),
+        "evil": (trio_argv(trio, evil) + outputs["evil"].argv(), {"evil": evil, "marker": marker}),
+        "warnings": (["-r", "random:0", "-a", str(frozen.a), "-b", str(frozen.b), "--no_fig"], {}),
+    }
+    started = {name: (subprocess.Popen([sys.executable, PROG, *argv], cwd=REPO, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True), argv)
+               for name, (argv, _) in cases.items()}
+    runs = {}
+    for name, (popen, argv) in started.items():
+        out, err = popen.communicate(timeout=120)
+        proc = subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
+        runs[name] = ScriptRun(proc, {**cases[name][1], "outputs": outputs.get(name)})
+    return runs
+
+
+def test_script_missing_finetuned_file(script_runs):
+    run = script_runs["missing"]
+    proc, missing = run.proc, run.paths["missing"]
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith(f"{PROG}: error: {missing}")
+    assert proc.stdout == ""
+    run.paths["outputs"].assert_untouched()
+
+
+def test_script_refuses_malicious_pickle(script_runs):
+    run = script_runs["evil"]
+    proc, evil = run.proc, run.paths["evil"]
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith(f"{PROG}: error: {evil}") and "unsafe unpickling" in last
+    assert not run.paths["marker"].exists()
+    run.paths["outputs"].assert_untouched()
+
+
+def test_script_prints_warnings_on_stderr(script_runs):
+    """Drawn initialisation and a frozen layer: each warning is one line on the real stderr."""
+    proc = script_runs["warnings"].proc
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    warning_lines = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warning_lines) == 2, proc.stderr
+    assert "-r random:0" in warning_lines[0] and "approximation" in warning_lines[0]
+    assert "layer3.0" in warning_lines[1] and "inf" in warning_lines[1]
+    assert "Layer-wise transferability:  [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, inf, 3.0, 3.0, 1.0]" in proc.stdout
+    assert "Overall transferability: 3.00" in proc.stdout
