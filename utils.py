@@ -38,6 +38,8 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     warnings.simplefilter("always")  # one warning per fine-tuned checkpoint, not one per run
     try:
         return main(argv)
+    except SystemExit as exit_:  # argparse's own errors (status 2) and --help (status 0)
+        return exit_.code if isinstance(exit_.code, int) else 1
     except UserError as err:
         message = " ".join(str(err).split())  # one line, whatever the message holds
         print(f"{prog}: error: {message}", file=sys.stderr)

@@ -2,7 +2,8 @@
 crop, a horizontal flip and optionally colour jitter; normalised with a fixed mean/std."""
 from __future__ import annotations
 
-from torchvision import transforms
+import torch
+from torchvision.transforms import v2 as transforms
 
 # The seed's normalisation constants (not ImageNet's per-channel statistics).
 NORMALIZE_MEAN = (0.5, 0.5, 0.5)
@@ -12,10 +13,11 @@ COLOR_JITTER_STRENGTH = 0.4
 
 
 def build_transform(train: bool, img_size: int, color_jitter: bool = False) -> transforms.Compose:
-    """PIL image -> normalised ``3 x img_size x img_size`` float tensor.
+    """PIL image or uint8 image tensor -> normalised ``3 x img_size x img_size`` float tensor.
 
     train: Resize((s, s)), RandomResizedCrop(s), RandomHorizontalFlip, [ColorJitter(0.4, 0.4,
-    0.4) when ``color_jitter``], ToTensor, Normalize. val: Resize((s, s)), ToTensor, Normalize.
+    0.4) when ``color_jitter``], to float in [0, 1], Normalize. val: Resize((s, s)), to float, Normalize.
+    (torchvision's v2 transforms: the same operations on PIL images and on tensors.)
     """
     if img_size < 1:
         raise ValueError(f"img_size must be positive, got {img_size}")
@@ -25,5 +27,6 @@ def build_transform(train: bool, img_size: int, color_jitter: bool = False) -> t
         if color_jitter:
             s = COLOR_JITTER_STRENGTH
             steps.append(transforms.ColorJitter(brightness=s, contrast=s, saturation=s))
-    steps += [transforms.ToTensor(), transforms.Normalize(NORMALIZE_MEAN, NORMALIZE_STD)]
+    steps += [transforms.ToImage(), transforms.ToDtype(torch.float32, scale=True),
+              transforms.Normalize(NORMALIZE_MEAN, NORMALIZE_STD)]
     return transforms.Compose(steps)

@@ -1,0 +1,84 @@
+"""Fine-tune pre-trained weights theta_A on a downstream dataset to theta_FB.
+
+    python finetune.py --dataset CIFAR-10 --data_dir /data -a ImageNet_model.pth -b cifar10_model.pth
+    python finetune.py --dataset synthetic:classes=10,n=100,gap=0.5 -a ckpt/demo_pretrained.pth -b out.pth
+
+The classifier head is replaced by a new one for the dataset's classes. ``-b`` receives the
+best-validation weights (a plain state dict); the last epoch's weights are in the run's
+``.last.pth`` checkpoint. ``--from_scratch R.pth`` starts from theta_r instead of theta_A,
+the baseline the paper's intuition compares against.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import engine
+from models import ARCHITECTURES, build_model, check_architecture, infer_arch
+from utils import UserError, load_state_dict_safely, run_cli
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Fine-tune theta_A -> theta_FB (SGD, cosine schedule).")
+    parser.add_argument("--dataset", required=True, help="a dataset of the registry (see README), e.g. CIFAR-10")
+    parser.add_argument("--data_dir", help="the dataset's folder (see README for each layout)")
+    parser.add_argument("-a", "--pretrained", help="theta_A, the pre-trained weights to start from")
+    parser.add_argument("-b", "--finetuned", required=True, help="where theta_FB, the best-validation weights, goes")
+    parser.add_argument("--from_scratch", metavar="R.pth", help="start from this theta_r instead of -a")
+    parser.add_argument("--arch", choices=list(ARCHITECTURES), help="(default: inferred from -a)")
+    parser.add_argument("--img_size", type=int, help="input size (default: the dataset's: 32 for CIFAR, else 224)")
+    engine.add_training_arguments(parser, epochs=100, batch_size=128, lr=0.01)
+    args = parser.parse_args(argv)
+    if (args.pretrained is None) == (args.from_scratch is None):
+        parser.error("give -a (fine-tune theta_A) or --from_scratch R.pth (train from theta_r), not both or neither")
+    return args
+
+
+def starting_weights(args: argparse.Namespace) -> tuple[str, dict, str]:
+    """(flag, state dict, architecture) of the weights fine-tuning starts from."""
+    flag, path = ("-a", args.pretrained) if args.pretrained else ("--from_scratch", args.from_scratch)
+    state_dict = load_state_dict_safely(path)
+    if args.arch is None:
+        arch = infer_arch(state_dict)
+        if arch is None:
+            raise UserError(f"{flag} {path}: cannot infer its architecture; pass --arch NAME")
+        return flag, state_dict, arch
+    problem = check_architecture(args.arch, state_dict)
+    if problem:
+        found = infer_arch(state_dict)
+        raise UserError(f"{flag} {path}: is not a {args.arch} checkpoint "
+                        f"({'it is ' + found if found else problem}); fix --arch or {flag}")
+    return flag, state_dict, args.arch
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    procs = engine.init_processes(args.device)
+    try:
+        best, last, log = engine.run_files(args.finetuned)
+        outputs = {best: "-b", last: "-b", log: "-b"}
+        engine.check_outputs(list(outputs), outputs, args.overwrite, args.resume is not None)
+        flag, start, args.arch = starting_weights(args)
+        resume = None
+        if args.resume:
+            resume = engine.load_checkpoint(args.resume)
+            engine.check_resume(resume, args, ("arch", "dataset"))
+        train, val, args.img_size = engine.build_train_val(
+            args.dataset, args.data_dir, args.img_size, False, args.skip_corrupt, args.seed)
+        engine.seed_everything(args.seed)
+        model = build_model(args.arch, num_classes=len(train.classes))  # a new head for this dataset
+        engine.load_backbone(model, start, ARCHITECTURES[args.arch].head, f"{flag} {args.pretrained or args.from_scratch}")
+        engine.barrier(procs)
+        result = engine.fit(model, train, val, engine.settings_from_args(args, schedule="cosine", label="fine-tune"),
+                            procs, args.finetuned, resume)
+    finally:
+        engine.close_processes(procs)
+    if result.stopped_by:
+        return 128 + result.stopped_by
+    if procs.is_main:
+        print(f"best val acc {result.best_acc:.2f}% at epoch {result.best_epoch}; theta_FB is {args.finetuned}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,79 @@
+"""Pre-train a network from a saved random initialisation theta_r to theta_A.
+
+    python pretrain_on_ImageNet.py --data_dir /data/imagenet -r random_init_model.pth -a ImageNet_model.pth
+    python pretrain_on_ImageNet.py --dataset synthetic --arch resnet20 --max_epoch 30   # offline
+
+theta_r (``-r``) is written before the first step: exactly the weights training starts from.
+theta_A (``-a``) is the best-validation weights. Both are plain state dicts that
+cal_transferability.py reads. Runs on several GPUs or nodes under torchrun (see README).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import engine
+from models import ARCHITECTURES, build_model
+from utils import run_cli, save_state_dict
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Pre-train theta_r -> theta_A (SGD, step schedule).")
+    parser.add_argument("--arch", default="resnet50", choices=list(ARCHITECTURES), help="(default: %(default)s)")
+    parser.add_argument("--dataset", default="imagenet",
+                        help="imagenet (default), or synthetic[:OPTIONS] for the embedded source task")
+    parser.add_argument("--data_dir", help="the dataset's folder (see README for each layout)")
+    parser.add_argument("--img_size", type=int, help="input size (default: the dataset's, 224 for ImageNet)")
+    parser.add_argument("-r", "--random_init", default="random_init_model.pth",
+                        help="where theta_r goes (default: %(default)s)")
+    parser.add_argument("-a", "--pretrained", default="ImageNet_model.pth",
+                        help="where theta_A, the best-validation weights, goes (default: %(default)s)")
+    parser.add_argument("--lr_step", type=int, default=40, help="divide the lr by 10 every N epochs (default: 40)")
+    engine.add_training_arguments(parser, epochs=120, batch_size=256, lr=0.1)
+    args = parser.parse_args(argv)
+    if args.dataset.partition(":")[0].strip().lower() == "synthetic":
+        args.dataset = source_task(args.dataset)
+    return args
+
+
+def source_task(dataset: str) -> str:
+    """``synthetic[:OPTIONS]`` means the synthetic *source* task unless OPTIONS say otherwise."""
+    options = [o.strip() for o in dataset.partition(":")[2].split(",") if o.strip()]
+    if not any(o in ("source", "target") or o.startswith("task=") for o in options):
+        options.insert(0, "source")
+    return "synthetic:" + ",".join(options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    procs = engine.init_processes(args.device)
+    try:
+        best, last, log = engine.run_files(args.pretrained)
+        outputs = {Path(args.random_init): "-r", best: "-a", last: "-a", log: "-a"}
+        engine.check_outputs(list(outputs), outputs, args.overwrite, args.resume is not None)
+        resume = None
+        if args.resume:
+            resume = engine.load_checkpoint(args.resume)
+            engine.check_resume(resume, args, ("arch", "dataset"))
+        train, val, args.img_size = engine.build_train_val(
+            args.dataset, args.data_dir, args.img_size, True, args.skip_corrupt, args.seed)
+        engine.seed_everything(args.seed)
+        model = build_model(args.arch, num_classes=len(train.classes))
+        engine.barrier(procs)  # every process has checked the outputs before any is written
+        if resume is None and procs.is_main:
+            save_state_dict(model.state_dict(), args.random_init)
+            print(f"wrote theta_r to {args.random_init}", flush=True)
+        result = engine.fit(model, train, val, engine.settings_from_args(args, schedule="step", label="pre-train"),
+                            procs, args.pretrained, resume)
+    finally:
+        engine.close_processes(procs)
+    if result.stopped_by:
+        return 128 + result.stopped_by
+    if procs.is_main:
+        print(f"best val acc {result.best_acc:.2f}% at epoch {result.best_epoch}; theta_A is {args.pretrained}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,344 @@
+"""pretrain_on_ImageNet.py, finetune.py and the shared loop in engine.py, on tiny synthetic tasks."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import cal_transferability
+import engine
+import finetune
+import pretrain_on_ImageNet
+from models import build_model
+from utils import UserError, load_state_dict_safely, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = "synthetic:source,classes=6,n=12,n_val=4,size=16"
+TARGET = "synthetic:classes=4,n=12,n_val=4,size=16,gap=0.5"
+FAST = ["--arch", "resnet20", "--batch_size", "16", "--workers", "0", "--device", "cpu"]
+
+
+def pretrain(tmp_path: Path, *extra: str, epochs: int = 2) -> tuple[Path, Path]:
+    r, a = tmp_path / "r.pth", tmp_path / "a.pth"
+    argv = ["--dataset", SOURCE, *FAST, "--max_epoch", str(epochs), "--lr", "0.05", "-r", str(r), "-a", str(a), *extra]
+    assert run_cli(pretrain_on_ImageNet.main, argv) == 0
+    return r, a
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> tuple[Path, Path]:
+    return pretrain(tmp_path_factory.mktemp("pretrained"))
+
+
+def finetune_argv(a: Path, b: Path, *extra: str, epochs: int = 2) -> list[str]:
+    return ["--dataset", TARGET, *FAST, "--max_epoch", str(epochs), "-a", str(a), "-b", str(b), *extra]
+
+
+# ------------------------------------------------------------------------ end to end
+
+
+def test_pretrain_writes_the_initialisation_it_started_from(pretrained):
+    r, a = pretrained
+    engine.seed_everything(0)
+    expected = build_model("resnet20", num_classes=6).state_dict()
+    theta_r, theta_a = load_state_dict_safely(r), load_state_dict_safely(a)
+    assert theta_r.keys() == expected.keys()
+    assert all(torch.equal(theta_r[k], expected[k]) for k in expected)
+    assert not torch.equal(theta_a["layer1.0.conv1.weight"], theta_r["layer1.0.conv1.weight"])
+    log = [json.loads(line) for line in (r.parent / "a.log.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [1, 2]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"} <= log[0].keys()
+    assert log[0]["lr"] == 0.05
+    checkpoint = torch.load(r.parent / "a.last.pth", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_acc", "rng", "args"} <= checkpoint.keys()
+    assert {"torch", "cuda", "numpy", "python"} <= checkpoint["rng"].keys()
+    assert checkpoint["epoch"] == 2 and checkpoint["args"]["arch"] == "resnet20"
+
+
+def test_finetune_then_measure(pretrained, tmp_path, capsys):
+    r, a = pretrained
+    b = tmp_path / "b.pth"
+    assert run_cli(finetune.main, finetune_argv(a, b)) == 0
+    theta_b = load_state_dict_safely(b)
+    assert theta_b["fc.weight"].shape == (4, 64)  # a new head for the 4 target classes
+    log = [json.loads(line) for line in (tmp_path / "b.log.jsonl").read_text().splitlines()]
+    best = max(log, key=lambda entry: entry["val_acc"])
+    last = torch.load(tmp_path / "b.last.pth", weights_only=True)["model"]
+    if best["epoch"] == 2:
+        assert all(torch.equal(theta_b[k], last[k]) for k in theta_b)
+    assert run_cli(cal_transferability.main, ["-r", str(r), "-a", str(a), "-b", str(b), "--no_fig"]) == 0
+    assert "Overall transferability:" in capsys.readouterr().out
+
+
+def test_finetune_from_scratch_starts_from_theta_r(pretrained, tmp_path):
+    r, _ = pretrained
+    b = tmp_path / "scratch.pth"
+    assert run_cli(finetune.main, ["--dataset", TARGET, *FAST, "--max_epoch", "1", "--from_scratch", str(r), "-b", str(b)]) == 0
+    assert load_state_dict_safely(b)["fc.weight"].shape == (4, 64)
+
+
+def test_load_backbone_takes_everything_but_the_head():
+    source = build_model("resnet20", 6).state_dict()
+    model = build_model("resnet20", 4)
+    head_before = model.fc.weight.clone()
+    engine.load_backbone(model, source, "fc", "-a x.pth")
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], source[k]) for k in source if not k.startswith("fc."))
+    assert torch.equal(model.fc.weight, head_before)
+    del source["layer2.0.conv1.weight"]
+    with pytest.raises(UserError, match="layer2.0.conv1.weight is missing"):
+        engine.load_backbone(build_model("resnet20", 4), source, "fc", "-a x.pth")
+
+
+# ------------------------------------------------------------------ sampler and seeds
+
+
+def test_epoch_sampler_shards_cover_everything_once():
+    shards = [list(engine.EpochSampler(10, seed=0, rank=r, world_size=3, shuffle=False)) for r in range(3)]
+    assert sorted(i for shard in shards for i, _ in shard) == list(range(10))
+    train = [engine.EpochSampler(10, seed=0, rank=r, world_size=3) for r in range(3)]
+    assert [len(s) for s in train] == [4, 4, 4]  # padded, as DistributedSampler
+    assert set(i for s in train for i, _ in s) == set(range(10))
+
+
+def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
+    a, b = engine.EpochSampler(50, seed=1), engine.EpochSampler(50, seed=1)
+    assert list(a) == list(b)
+    a.set_epoch(1)
+    assert [i for i, _ in a] != [i for i, _ in b]
+    b.set_epoch(1, skip=7)
+    assert list(b) == list(a)[7:] and len(b) == 43
+    assert len({seed for _, seed in a}) == 50  # a different augmentation seed per sample
+
+
+def test_seeded_samples_do_not_touch_the_global_rng():
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            return torch.rand(2)
+
+    wrapped = engine.SeededSamples(Noisy())
+    torch.manual_seed(5)
+    first = wrapped[(0, 123)]
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(wrapped[(1, 999)] * 0 + wrapped[(0, 123)], first)
+    assert torch.equal(torch.rand(1), after)
+
+
+# ------------------------------------------------------------- resume, bit for bit
+
+
+def run_script(*argv: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kwargs)
+
+
+def wait_for(path: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+RESUME_TARGET = "synthetic:classes=4,n=40,n_val=8,size=16,gap=0.3"
+
+
+def resume_argv(a: Path, b: Path) -> list[str]:
+    return ["finetune.py", "--dataset", RESUME_TARGET, "--arch", "resnet20", "--batch_size", "8", "--workers", "2",
+            "--device", "cpu", "--max_epoch", "3", "--lr", "0.05", "-a", str(a), "-b", str(b)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(pretrained, tmp_path_factory):
+    _, a = pretrained
+    b = tmp_path_factory.mktemp("uninterrupted") / "b.pth"
+    process = run_script(*resume_argv(a, b))
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    return load_state_dict_safely(b.with_name("b.last.pth")), load_state_dict_safely(b)
+
+
+def assert_same_weights(x: dict, y: dict) -> None:
+    assert x.keys() == y.keys()
+    different = [k for k in x if not torch.equal(x[k], y[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_stopped_and_resumed_run_ends_bit_identical(pretrained, uninterrupted, tmp_path, how):
+    _, a = pretrained
+    b = tmp_path / "b.pth"
+    process = run_script(*resume_argv(a, b))
+    wait_for(tmp_path / "b.log.jsonl")  # epoch 1 is done: stop somewhere in epochs 2-3
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.6))
+    process.send_signal(how)
+    out, err = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the run finished before the signal arrived (a very fast machine)")
+    if how == signal.SIGTERM:
+        assert process.returncode == 128 + signal.SIGTERM, err
+        assert "stopped by signal 15" in out and "--resume" in out
+        assert "Traceback" not in err
+    else:
+        assert process.returncode == -signal.SIGKILL
+    resumed = run_script(*resume_argv(a, b), "--resume", str(tmp_path / "b.last.pth"))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed at epoch" in out
+    last, best = uninterrupted
+    assert_same_weights(load_state_dict_safely(tmp_path / "b.last.pth"), last)
+    assert_same_weights(load_state_dict_safely(b), best)
+    log = [json.loads(line)["epoch"] for line in (tmp_path / "b.log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------ torchrun
+
+
+@pytest.mark.parametrize("script", ["pretrain_on_ImageNet.py", "finetune.py"])
+def test_torchrun_two_processes_on_cpu(pretrained, tmp_path, script):
+    _, a = pretrained
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    if script == "pretrain_on_ImageNet.py":
+        args = ["--dataset", SOURCE, "-r", str(out_dir / "r.pth"), "-a", str(out_dir / "x.pth")]
+    else:
+        args = ["--dataset", TARGET, "-a", str(a), "-b", str(out_dir / "x.pth")]
+    process = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args,
+                         "--arch", "resnet20", "--batch_size", "8", "--workers", "0", "--device", "cpu",
+                         "--max_epoch", "1")
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert out.count("epoch 1/1") == 1, out  # only rank 0 prints
+    expected = {"x.pth", "x.last.pth", "x.log.jsonl"} | ({"r.pth"} if script.startswith("pretrain") else set())
+    assert {p.name for p in out_dir.iterdir()} == expected  # only rank 0 writes, nothing else is left
+    log = [json.loads(line) for line in (out_dir / "x.log.jsonl").read_text().splitlines()]
+    assert len(log) == 1
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+def expect_error(capsys, main, argv, *needles: str) -> str:
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "error:" in err[-1] and "Traceback" not in "\n".join(err)
+    for needle in needles:
+        assert needle in err[-1], err[-1]
+    return err[-1]
+
+
+def test_missing_or_wrong_data_dir(capsys, tmp_path, pretrained):
+    _, a = pretrained
+    missing = tmp_path / "nowhere"
+    expect_error(capsys, finetune.main, ["--dataset", "cifar10", "--data_dir", str(missing), "-a", str(a),
+                                         "-b", str(tmp_path / "b.pth")], str(missing))
+    expect_error(capsys, finetune.main, ["--dataset", "CUB-200", "--data_dir", str(tmp_path), "-a", str(a),
+                                         "-b", str(tmp_path / "b.pth")], "CUB_200_2011")
+    assert not (tmp_path / "b.pth").exists()
+
+
+def test_unknown_dataset_and_arch(capsys, tmp_path, pretrained):
+    _, a = pretrained
+    expect_error(capsys, finetune.main, ["--dataset", "mnist", "-a", str(a), "-b", str(tmp_path / "b.pth")], "mnist")
+    expect_error(capsys, pretrain_on_ImageNet.main, ["--arch", "alexnet", "--dataset", SOURCE], "--arch")
+
+
+def test_pretrained_of_another_architecture(capsys, tmp_path, pretrained):
+    _, a = pretrained
+    expect_error(capsys, finetune.main, finetune_argv(a, tmp_path / "b.pth") + ["--arch", "resnet32"],
+                 str(a), "resnet32")
+
+
+def test_existing_outputs_are_not_overwritten(capsys, tmp_path, pretrained):
+    _, a = pretrained
+    b = tmp_path / "b.pth"
+    b.write_text("precious")
+    expect_error(capsys, finetune.main, finetune_argv(a, b, epochs=1), str(b), "--overwrite")
+    assert b.read_text() == "precious"
+    (tmp_path / "c.last.pth").write_text("precious")
+    expect_error(capsys, finetune.main, finetune_argv(a, tmp_path / "c.pth", epochs=1), "c.last.pth")
+    assert run_cli(finetune.main, finetune_argv(a, b, "--overwrite", epochs=1)) == 0
+    assert "fc.weight" in load_state_dict_safely(b)
+    r = tmp_path / "r.pth"
+    r.write_text("precious")
+    expect_error(capsys, pretrain_on_ImageNet.main, ["--dataset", SOURCE, *FAST, "-r", str(r), "-a", str(tmp_path / "x.pth")],
+                 str(r))
+    assert r.read_text() == "precious"
+
+
+def write_image_folder(root: Path, classes: dict[str, int]) -> None:
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (12, 12), (i * 20 % 255, 80, 160)).save(root / name / f"{i}.png")
+
+
+def test_corrupt_image_is_named_or_skipped(capsys, tmp_path, pretrained):
+    _, a = pretrained
+    data = tmp_path / "data"
+    write_image_folder(data, {"cat": 10, "dog": 10})
+    bad = data / "cat" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    argv = ["--dataset", "imagefolder", "--data_dir", str(data), "--arch", "resnet20", "--img_size", "16",
+            "--batch_size", "4", "--workers", "2", "--device", "cpu", "--max_epoch", "1", "-a", str(a)]
+    expect_error(capsys, finetune.main, argv + ["-b", str(tmp_path / "b.pth")], str(bad))
+    assert not (tmp_path / "b.pth").exists()
+    assert run_cli(finetune.main, argv + ["-b", str(tmp_path / "c.pth"), "--skip_corrupt"]) == 0
+    (entry,) = [json.loads(line) for line in (tmp_path / "c.log.jsonl").read_text().splitlines()]
+    in_train = bad.as_posix() in [p for p, _ in engine_train_samples(data)]
+    assert entry["skipped_images"] == (1 if in_train else 0)
+    assert "corrupt images skipped" in capsys.readouterr().out or not in_train
+
+
+def engine_train_samples(data: Path):
+    from data import build_dataset
+
+    return build_dataset("imagefolder", data, "train").samples
+
+
+def test_empty_class_folder(capsys, tmp_path, pretrained):
+    _, a = pretrained
+    data = tmp_path / "data"
+    write_image_folder(data, {"cat": 5, "dog": 0})
+    expect_error(capsys, finetune.main, ["--dataset", "imagefolder", "--data_dir", str(data), *FAST, "-a", str(a),
+                                         "-b", str(tmp_path / "b.pth")], "dog")
+
+
+def test_resume_from_another_architecture_or_dataset(capsys, tmp_path, pretrained):
+    _, a = pretrained
+    b = tmp_path / "b.pth"
+    assert run_cli(finetune.main, finetune_argv(a, b, epochs=1)) == 0
+    last = str(tmp_path / "b.last.pth")
+    other_data = finetune_argv(a, b, "--resume", last, epochs=2)
+    other_data[other_data.index(TARGET)] = "synthetic:classes=4,n=12,n_val=4,size=16,gap=0.9"
+    expect_error(capsys, finetune.main, other_data, "--dataset")
+    r32 = tmp_path / "r32.pth"
+    torch.save(build_model("resnet32", 6).state_dict(), r32)
+    other_arch = ["--dataset", TARGET, *FAST, "--max_epoch", "2", "-b", str(b), "--resume", last,
+                  "--from_scratch", str(r32)]
+    other_arch[other_arch.index("resnet20")] = "resnet32"
+    expect_error(capsys, finetune.main, other_arch, "--arch")
+    expect_error(capsys, finetune.main, finetune_argv(a, b, "--resume", str(a), epochs=2), str(a))
+
+
+def test_diverging_loss_stops_and_keeps_the_files(capsys, tmp_path, pretrained):
+    _, a = pretrained
+    b = tmp_path / "b.pth"
+    b.write_text("last good")
+    message = expect_error(capsys, finetune.main, finetune_argv(a, b, "--overwrite", "--lr", "1e30", epochs=2),
+                           "epoch 1 step")
+    assert "nan" in message.lower() or "inf" in message.lower()
+    assert b.read_text() == "last good"
