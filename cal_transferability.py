@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also print a table of D(theta_r, theta_FB), D(theta_A, theta_FB) and T per layer")
     args = parser.parse_args(argv)
     if args.random_init is None and args.pretrained is None and args.finetuned is None:
-        demo_finetuned = sorted(CKPT_DIR.glob(DEMO_FINETUNED_GLOB))
+        # the training runs' own .last.pth checkpoints lie beside the demo weights
+        demo_finetuned = sorted(p for p in CKPT_DIR.glob(DEMO_FINETUNED_GLOB) if not p.name.endswith(".last.pth"))
         if not (DEMO_RANDOM.exists() and DEMO_PRETRAINED.exists() and demo_finetuned):
             parser.print_usage(sys.stderr)
             raise UserError("no checkpoints given and no demo checkpoints in ckpt/; pass -r, -a and -b")

@@ -332,7 +332,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+    """CPU copies in the standard (contiguous) layout, whatever the model's memory format."""
+    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for k, v in _unwrap(model).state_dict().items()}
+
+
+def _fresh_stats() -> dict:
+    return {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0, "time": 0.0}
 
 
 def fit(
@@ -374,7 +380,6 @@ def fit(
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.amp)
 
     start_epoch, start_step, best_acc, best_epoch, history = 0, 0, -1.0, -1, []
-    partial = {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0, "time": 0.0}
     if resume is not None:
         _unwrap(model).load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -383,7 +388,6 @@ def fit(
             scaler.load_state_dict(resume["scaler"])
         start_epoch, start_step = resume["epoch"], resume["step"]
         best_acc, best_epoch, history = resume["best_acc"], resume["best_epoch"], list(resume["history"])
-        partial = dict(resume["partial"]) if start_step else partial
         _set_rng_state(resume["rng"])
         say(f"resumed at epoch {start_epoch + 1} step {start_step} (best val acc {best_acc:.2f}%)")
 
@@ -456,8 +460,8 @@ def fit(
             skip = start_step * settings.batch_size if epoch == start_epoch else 0
             train_sampler.set_epoch(epoch, skip)
             step = start_step if epoch == start_epoch else 0
-            stats = dict(partial) if epoch == start_epoch and start_step else \
-                {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0, "time": 0.0}
+            resuming_inside = resume is not None and epoch == start_epoch and start_step > 0
+            stats = dict(resume["partial"]) if resuming_inside else _fresh_stats()
             model.train()
             tick = time.perf_counter()
             batches = tqdm(train_loader, desc=f"  epoch {epoch + 1}", leave=False, disable=not procs.is_main or None)
@@ -589,6 +593,36 @@ def settings_from_args(args, *, schedule: str, label: str) -> TrainSettings:
     )
 
 
-def barrier(procs: Processes) -> None:
-    if procs.distributed:
-        dist.barrier()
+def run_training(args, *, best_path: str, outputs: Mapping[Path, str], color_jitter: bool, schedule: str,
+                 label: str, init_model: Callable[[nn.Module, bool, bool], None]) -> int:
+    """What both scripts do around :func:`fit`; returns the exit status.
+
+    ``outputs`` maps every file the run writes to the flag that names it.
+    ``init_model(model, resuming, is_main)`` runs on every process once all of them have
+    checked the outputs, so that nothing is written before every check passed.
+    """
+    from models import build_model
+
+    procs = init_processes(args.device)
+    try:
+        check_outputs(list(outputs), outputs, args.overwrite, args.resume is not None)
+        resume = None
+        if args.resume:
+            resume = load_checkpoint(args.resume)
+            check_resume(resume, args, ("arch", "dataset"))
+        train, val, args.img_size = build_train_val(
+            args.dataset, args.data_dir, args.img_size, color_jitter, args.skip_corrupt, args.seed)
+        seed_everything(args.seed)
+        model = build_model(args.arch, num_classes=len(train.classes))
+        if procs.distributed:
+            dist.barrier()
+        init_model(model, resume is not None, procs.is_main)
+        result = fit(model, train, val, settings_from_args(args, schedule=schedule, label=label),
+                     procs, best_path, resume)
+    finally:
+        close_processes(procs)
+    if result.stopped_by:
+        return 128 + result.stopped_by
+    if procs.is_main:
+        print(f"best val acc {result.best_acc:.2f}% at epoch {result.best_epoch}; weights in {best_path}")
+    return 0

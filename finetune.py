@@ -14,7 +14,7 @@ import argparse
 import sys
 
 import engine
-from models import ARCHITECTURES, build_model, check_architecture, infer_arch
+from models import ARCHITECTURES, check_architecture, infer_arch
 from utils import UserError, load_state_dict_safely, run_cli
 
 
@@ -53,31 +53,16 @@ def starting_weights(args: argparse.Namespace) -> tuple[str, dict, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    procs = engine.init_processes(args.device)
-    try:
-        best, last, log = engine.run_files(args.finetuned)
-        outputs = {best: "-b", last: "-b", log: "-b"}
-        engine.check_outputs(list(outputs), outputs, args.overwrite, args.resume is not None)
-        flag, start, args.arch = starting_weights(args)
-        resume = None
-        if args.resume:
-            resume = engine.load_checkpoint(args.resume)
-            engine.check_resume(resume, args, ("arch", "dataset"))
-        train, val, args.img_size = engine.build_train_val(
-            args.dataset, args.data_dir, args.img_size, False, args.skip_corrupt, args.seed)
-        engine.seed_everything(args.seed)
-        model = build_model(args.arch, num_classes=len(train.classes))  # a new head for this dataset
-        engine.load_backbone(model, start, ARCHITECTURES[args.arch].head, f"{flag} {args.pretrained or args.from_scratch}")
-        engine.barrier(procs)
-        result = engine.fit(model, train, val, engine.settings_from_args(args, schedule="cosine", label="fine-tune"),
-                            procs, args.finetuned, resume)
-    finally:
-        engine.close_processes(procs)
-    if result.stopped_by:
-        return 128 + result.stopped_by
-    if procs.is_main:
-        print(f"best val acc {result.best_acc:.2f}% at epoch {result.best_epoch}; theta_FB is {args.finetuned}")
-    return 0
+    best, last, log = engine.run_files(args.finetuned)
+    flag, start, args.arch = starting_weights(args)
+
+    def load_start(model, resuming: bool, is_main: bool) -> None:  # the model's new head stays as initialised
+        engine.load_backbone(model, start, ARCHITECTURES[args.arch].head,
+                             f"{flag} {args.pretrained or args.from_scratch}")
+
+    return engine.run_training(
+        args, best_path=args.finetuned, outputs={best: "-b", last: "-b", log: "-b"},
+        color_jitter=False, schedule="cosine", label="fine-tune", init_model=load_start)
 
 
 if __name__ == "__main__":

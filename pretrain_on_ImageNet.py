@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import engine
-from models import ARCHITECTURES, build_model
+from models import ARCHITECTURES
 from utils import run_cli, save_state_dict
 
 
@@ -47,32 +47,16 @@ def source_task(dataset: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    procs = engine.init_processes(args.device)
-    try:
-        best, last, log = engine.run_files(args.pretrained)
-        outputs = {Path(args.random_init): "-r", best: "-a", last: "-a", log: "-a"}
-        engine.check_outputs(list(outputs), outputs, args.overwrite, args.resume is not None)
-        resume = None
-        if args.resume:
-            resume = engine.load_checkpoint(args.resume)
-            engine.check_resume(resume, args, ("arch", "dataset"))
-        train, val, args.img_size = engine.build_train_val(
-            args.dataset, args.data_dir, args.img_size, True, args.skip_corrupt, args.seed)
-        engine.seed_everything(args.seed)
-        model = build_model(args.arch, num_classes=len(train.classes))
-        engine.barrier(procs)  # every process has checked the outputs before any is written
-        if resume is None and procs.is_main:
+    best, last, log = engine.run_files(args.pretrained)
+
+    def save_initialisation(model, resuming: bool, is_main: bool) -> None:
+        if not resuming and is_main:
             save_state_dict(model.state_dict(), args.random_init)
             print(f"wrote theta_r to {args.random_init}", flush=True)
-        result = engine.fit(model, train, val, engine.settings_from_args(args, schedule="step", label="pre-train"),
-                            procs, args.pretrained, resume)
-    finally:
-        engine.close_processes(procs)
-    if result.stopped_by:
-        return 128 + result.stopped_by
-    if procs.is_main:
-        print(f"best val acc {result.best_acc:.2f}% at epoch {result.best_epoch}; theta_A is {args.pretrained}")
-    return 0
+
+    return engine.run_training(
+        args, best_path=args.pretrained, outputs={Path(args.random_init): "-r", best: "-a", last: "-a", log: "-a"},
+        color_jitter=True, schedule="step", label="pre-train", init_model=save_initialisation)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""Benchmark: training throughput of finetune.py's loop (engine.fit) against a loop written
+like the seed's, and against a ceiling with no data loading, all in this one run.
+
+    python bench/bench_training.py [--arch resnet20] [--img_size 32] [--batch_size 128] [--epochs 2]
+
+The data are real image files: the synthetic benchmark's images written as PNGs in the
+``imagefolder`` layout, so both loops decode files. Reported, in training images/s:
+
+* seed-style: fp32, NCHW, eager, torchvision's v1 per-image PIL transforms, num_workers=0;
+* ours:       engine.fit with this project's defaults (channels-last, data-loading workers,
+              the v2 transforms), the training phase only (the log's images_per_s);
+* ceiling:    the same model and step on one fixed batch already in memory (no loading).
+
+Every loop runs the same model, batch size and augmentation recipe; the first epoch warms up
+and the last is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import transforms as v1
+from torchvision.datasets import ImageFolder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import engine  # noqa: E402
+from data import NORMALIZE_MEAN, NORMALIZE_STD, build_dataset, build_transform  # noqa: E402
+from data.synthetic import build_synthetic  # noqa: E402
+from models import build_model  # noqa: E402
+
+
+def write_image_folder(root: Path, classes: int, per_class: int, size: int) -> None:
+    from torchvision.transforms.functional import to_pil_image
+
+    dataset = build_synthetic(f"classes={classes},n={per_class},size={size}", "train")
+    for i, (image, label) in enumerate(zip(dataset.images, dataset.targets)):
+        folder = root / f"class_{label:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        to_pil_image(image).save(folder / f"{i:05d}.png")
+
+
+def seed_style(root: Path, arch: str, img_size: int, batch_size: int, epochs: int, classes: int) -> float:
+    """The seed's way: PIL transforms per image, no workers, fp32 NCHW eager."""
+    transform = v1.Compose([v1.Resize((img_size, img_size)), v1.RandomResizedCrop(img_size),
+                            v1.RandomHorizontalFlip(), v1.ToTensor(), v1.Normalize(NORMALIZE_MEAN, NORMALIZE_STD)])
+    loader = torch.utils.data.DataLoader(ImageFolder(str(root), transform), batch_size=batch_size,
+                                         shuffle=True, num_workers=0)
+    torch.manual_seed(0)
+    model = build_model(arch, classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    rate = 0.0
+    for _ in range(epochs):
+        model.train()
+        seen, start = 0, time.perf_counter()
+        for images, labels in loader:
+            loss = nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen += len(labels)
+        rate = seen / (time.perf_counter() - start)
+    return rate
+
+
+def ours(root: Path, arch: str, img_size: int, batch_size: int, epochs: int, classes: int, workers: int,
+         out: Path) -> float:
+    train = build_dataset("imagefolder", root, "train", build_transform(True, img_size))
+    val = build_dataset("imagefolder", root, "val", build_transform(False, img_size))
+    torch.manual_seed(0)
+    model = build_model(arch, classes)
+    settings = engine.TrainSettings(epochs=epochs, batch_size=batch_size, lr=0.01, weight_decay=1e-4,
+                                    workers=workers, label="bench")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        result = engine.fit(model, train, val, settings, engine.init_processes("cpu"), out / "bench.pth")
+    # engine.fit trains on the 80 % train split; images/s counts only what it trained on.
+    return result.history[-1]["images_per_s"]
+
+
+def ceiling(arch: str, img_size: int, batch_size: int, classes: int, steps: int = 10) -> float:
+    torch.manual_seed(0)
+    model = build_model(arch, classes).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    images = torch.randn(batch_size, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, classes, (batch_size,))
+    times = []
+    for _ in range(steps + 2):
+        start = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return batch_size / (sum(times[2:]) / steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="resnet20")
+    parser.add_argument("--img_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--per_class", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "images"
+        write_image_folder(root, args.classes, args.per_class, args.img_size)
+        print(f"{args.arch}, {args.img_size}x{args.img_size} PNG files, batch {args.batch_size}, "
+              f"{args.classes * args.per_class} images, torch {torch.__version__}, {torch.get_num_threads()} threads")
+        base = seed_style(root, args.arch, args.img_size, args.batch_size, args.epochs, args.classes)
+        mine = ours(root, args.arch, args.img_size, args.batch_size, args.epochs, args.classes, args.workers, Path(tmp))
+        top = ceiling(args.arch, args.img_size, args.batch_size, args.classes)
+    print(f"seed-style loop       {base:8.1f} images/s   1.00x")
+    print(f"finetune.py's loop    {mine:8.1f} images/s   {mine / base:5.2f}x of seed-style (target >= 2x)")
+    print(f"ceiling (no loading)  {top:8.1f} images/s   {top / base:5.2f}x of seed-style; ours is "
+          f"{mine / top:.0%} of it")
+
+
+if __name__ == "__main__":
+    main()
