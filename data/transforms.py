@@ -27,6 +27,8 @@ def build_transform(train: bool, img_size: int, color_jitter: bool = False) -> t
         if color_jitter:
             s = COLOR_JITTER_STRENGTH
             steps.append(transforms.ColorJitter(brightness=s, contrast=s, saturation=s))
+    # ToPureTensor: a plain tensor, not a tv_tensors.Image, whose __torch_function__ would
+    # slow down collation and every operation of the model on the batch.
     steps += [transforms.ToImage(), transforms.ToDtype(torch.float32, scale=True),
-              transforms.Normalize(NORMALIZE_MEAN, NORMALIZE_STD)]
+              transforms.Normalize(NORMALIZE_MEAN, NORMALIZE_STD), transforms.ToPureTensor()]
     return transforms.Compose(steps)

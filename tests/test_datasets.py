@@ -716,12 +716,13 @@ def test_val_transform_resizes_and_normalises():
 
 def test_train_transform_recipe():
     steps = [type(step) for step in build_transform(True, 32).transforms]
-    assert steps == [T.Resize, T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToImage, T.ToDtype, T.Normalize]
+    assert steps == [T.Resize, T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToImage, T.ToDtype, T.Normalize, T.ToPureTensor]
     jitter = build_transform(True, 32, color_jitter=True).transforms[3]
     assert isinstance(jitter, T.ColorJitter) and jitter.brightness == (0.6, 1.4)
     assert jitter.contrast == (0.6, 1.4) and jitter.saturation == (0.6, 1.4) and jitter.hue is None
     assert build_transform(True, 32)(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
-    assert [type(s) for s in build_transform(False, 32).transforms] == [T.Resize, T.ToImage, T.ToDtype, T.Normalize]
+    assert [type(s) for s in build_transform(False, 32).transforms] == [T.Resize, T.ToImage, T.ToDtype, T.Normalize, T.ToPureTensor]
     # the same recipe on a uint8 image tensor (the synthetic benchmark's images)
     tensor = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
-    assert build_transform(True, 32, color_jitter=True)(tensor).shape == (3, 32, 32)
+    out = build_transform(True, 32, color_jitter=True)(tensor)
+    assert out.shape == (3, 32, 32) and type(out) is torch.Tensor  # a plain tensor, no tv_tensor

@@ -342,3 +342,33 @@ def test_diverging_loss_stops_and_keeps_the_files(capsys, tmp_path, pretrained):
                            "epoch 1 step")
     assert "nan" in message.lower() or "inf" in message.lower()
     assert b.read_text() == "last good"
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_runs_on_the_cpu(pretrained, tmp_path, amp):
+    _, a = pretrained
+    b = tmp_path / "b.pth"
+    assert run_cli(finetune.main, finetune_argv(a, b, "--amp", amp, epochs=1)) == 0
+    theta_b = load_state_dict_safely(b)
+    assert all(t.dtype == torch.float32 for k, t in theta_b.items() if t.is_floating_point())  # fp32 weights
+    checkpoint = torch.load(tmp_path / "b.last.pth", weights_only=True)
+    assert (checkpoint["scaler"] is not None) == (amp == "fp16")
+
+
+def test_channels_last_is_the_same_computation(pretrained, tmp_path):
+    """The memory layout changes how convolutions are computed, not what: after an epoch the
+    weights agree to float rounding."""
+    _, a = pretrained
+    assert run_cli(finetune.main, finetune_argv(a, tmp_path / "nchw.pth", "--no-channels_last", epochs=1)) == 0
+    assert run_cli(finetune.main, finetune_argv(a, tmp_path / "nhwc.pth", "--channels_last", epochs=1)) == 0
+    nchw = torch.load(tmp_path / "nchw.last.pth", weights_only=True)["model"]
+    nhwc = torch.load(tmp_path / "nhwc.last.pth", weights_only=True)["model"]
+    for key, tensor in nchw.items():
+        assert torch.allclose(tensor.float(), nhwc[key].float(), rtol=1e-3, atol=1e-5), key
+
+
+@pytest.mark.slow
+def test_compiled_model_trains(pretrained, tmp_path):
+    _, a = pretrained
+    assert run_cli(finetune.main, finetune_argv(a, tmp_path / "b.pth", "--compile", epochs=1)) == 0
+    assert "fc.weight" in load_state_dict_safely(tmp_path / "b.pth")
