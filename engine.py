@@ -575,12 +575,9 @@ def load_backbone(model: nn.Module, state_dict: Mapping[str, torch.Tensor], head
 def build_train_val(dataset: str, data_dir: str | None, img_size: int | None, color_jitter: bool,
                     skip_corrupt: bool, seed: int) -> tuple[Dataset, Dataset, int]:
     """Both splits of ``dataset`` with the seed's transforms; returns them and the image size."""
-    from data import DATASETS, build_dataset, build_transform, canonical_name
-    from data.synthetic import parse_options
+    from data import build_dataset, build_transform, default_img_size
 
-    name = canonical_name(dataset)
-    if img_size is None:
-        img_size = parse_options(dataset.partition(":")[2]).size if name == "synthetic" else DATASETS[name].img_size
+    img_size = default_img_size(dataset) if img_size is None else img_size
     if img_size < 8:
         raise UserError(f"--img_size {img_size}: must be at least 8")
     train = build_dataset(dataset, data_dir, "train", build_transform(True, img_size, color_jitter), skip_corrupt, seed)

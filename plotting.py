@@ -52,3 +52,32 @@ def figure_format(path: str) -> str | None:
     """The image format a figure path asks for (by suffix), or None if matplotlib lacks it."""
     fmt = path.rsplit(".", 1)[-1].lower() if "." in path else ""
     return fmt if fmt in FigureCanvasBase.get_supported_filetypes() else None
+
+
+def layerwise_grid_bytes(panels: Sequence[tuple[str, Sequence[float]]], fmt: str = "png", xlabel: str = "Block",
+                         columns: int = 6) -> bytes:
+    """One small panel per ``(title, values)``: T per point against its position, as in the
+    paper's grids of layer-wise transferability (one panel per downstream dataset)."""
+    count = max(len(panels), 1)
+    columns = max(1, min(columns, count))
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.3 * rows), dpi=150, squeeze=False)
+    try:
+        for ax, (title, values) in zip(axes.flat, panels):
+            xs = range(1, len(values) + 1)
+            ys = [v if math.isfinite(v) else math.nan for v in values]
+            ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.4, color="black")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel(r"$T_{FB}(\theta_A)$", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt)
+        return buffer.getvalue()
+    finally:
+        plt.close(fig)

@@ -10,6 +10,7 @@ from data.datasets import (
     canonical_name,
     collate_skip_none,
     dataset_names,
+    default_img_size,
     seeded_split,
 )
 from data.image_io import CorruptImageError, load_rgb
@@ -26,6 +27,7 @@ __all__ = [
     "canonical_name",
     "collate_skip_none",
     "dataset_names",
+    "default_img_size",
     "load_rgb",
     "seeded_split",
 ]

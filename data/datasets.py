@@ -37,6 +37,7 @@ __all__ = [
     "canonical_name",
     "collate_skip_none",
     "dataset_names",
+    "default_img_size",
     "seeded_split",
 ]
 
@@ -591,6 +592,16 @@ def canonical_name(name: str) -> str:
     if has_options and canonical != "synthetic":
         raise UserError(f"--dataset {name}: only synthetic takes options after ':'")
     return canonical
+
+
+def default_img_size(name: str) -> int:
+    """The input size a dataset is used at: its spec's, or a synthetic task's own ``size``."""
+    canonical = canonical_name(name)
+    if canonical == "synthetic":
+        from data.synthetic import parse_options
+
+        return parse_options(str(name).partition(":")[2]).size
+    return DATASETS[canonical].img_size
 
 
 def build_dataset(name: str, root: str | os.PathLike | None, split: str, transform: Callable | None = None,

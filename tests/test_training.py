@@ -157,7 +157,7 @@ RESUME_TARGET = "synthetic:classes=4,n=40,n_val=8,size=16,gap=0.3"
 
 def resume_argv(a: Path, b: Path) -> list[str]:
     return ["finetune.py", "--dataset", RESUME_TARGET, "--arch", "resnet20", "--batch_size", "8", "--workers", "2",
-            "--device", "cpu", "--max_epoch", "3", "--lr", "0.05", "-a", str(a), "-b", str(b)]
+            "--device", "cpu", "--max_epoch", "6", "--lr", "0.05", "-a", str(a), "-b", str(b)]
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_stopped_and_resumed_run_ends_bit_identical(pretrained, uninterrupted, t
     _, a = pretrained
     b = tmp_path / "b.pth"
     process = run_script(*resume_argv(a, b))
-    wait_for(tmp_path / "b.log.jsonl")  # epoch 1 is done: stop somewhere in epochs 2-3
+    wait_for(tmp_path / "b.log.jsonl")  # epoch 1 is done: stop somewhere in epochs 2-6
     time.sleep(random.Random(os.getpid()).uniform(0.0, 0.6))
     process.send_signal(how)
     out, err = process.communicate(timeout=120)
@@ -201,7 +201,7 @@ def test_stopped_and_resumed_run_ends_bit_identical(pretrained, uninterrupted, t
     assert_same_weights(load_state_dict_safely(tmp_path / "b.last.pth"), last)
     assert_same_weights(load_state_dict_safely(b), best)
     log = [json.loads(line)["epoch"] for line in (tmp_path / "b.log.jsonl").read_text().splitlines()]
-    assert log == [1, 2, 3]
+    assert log == [1, 2, 3, 4, 5, 6]
 
 
 # ------------------------------------------------------------------------ torchrun

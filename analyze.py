@@ -1,0 +1,231 @@
+"""Analysis of the paper's Sections 3 and 4: dataset statistics, the regression, the figures.
+
+    python analyze.py stats --dataset CIFAR-10 DTD --data_dir /data -a ImageNet_model.pth --source_dir /data/imagenet
+    python analyze.py regress data/paper_table.csv --json fit.json
+    python analyze.py figure results.json [more.json ...] --out Figs/layerwise.png
+
+``stats`` measures N (training images), G (domain gap) and D (intraclass variance) of
+downstream datasets against the pre-training data; ``regress`` fits
+ln T = a G + b D + c ln N + d; ``figure`` draws layer-wise curves as a grid of panels.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+from plotting import figure_format, layerwise_grid_bytes
+from utils import UserError, check_writable, commit_outputs, run_cli
+
+STATS_COLUMNS = ("dataset", "N", "G", "D", "T", "feature_dim", "samples", "features")
+
+
+# ------------------------------------------------------------------------------ stats
+
+
+def add_stats_parser(subparsers) -> None:
+    parser = subparsers.add_parser("stats", help="N, G and D of downstream datasets (the paper's Section 3 table)")
+    parser.add_argument("--dataset", nargs="+", required=True, metavar="NAME", help="one or more downstream datasets")
+    parser.add_argument("--data_dir", help="folder of the downstream dataset(s) (see README for each layout)")
+    parser.add_argument("-a", "--pretrained", help="theta_A, whose penultimate-layer features are used")
+    parser.add_argument("--source", default="imagenet", help="the pre-training dataset (default: %(default)s)")
+    parser.add_argument("--source_dir", help="folder of the pre-training dataset")
+    parser.add_argument("--features", choices=["penultimate", "pixels"], default="penultimate",
+                        help="feature space: theta_A's penultimate layer (default) or pooled pixels (no model)")
+    parser.add_argument("--pixel_size", type=int, default=8, help="pixels: pool images to N x N (default: 8)")
+    parser.add_argument("--max_samples", type=int, default=2000,
+                        help="images per dataset used for G and D (a seeded subset; default: %(default)s)")
+    parser.add_argument("--img_size", type=int, help="input size (default: the dataset's)")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--cache_dir", default=".cache/features",
+                        help="features are cached here per (checkpoint, dataset, split) (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--transferability", nargs="+", metavar="RESULT.json",
+                        help="cal_transferability.py --json files: fills the T column with the overall value "
+                        "of the result whose label is the dataset's name (use --labels there)")
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    parser.add_argument("--csv", metavar="PATH", help="write the rows as CSV (ready for 'analyze.py regress')")
+    parser.set_defaults(run=run_stats)
+
+
+def validation_split(name: str, data_dir: str | None, split: str, img_size: int | None):
+    """A split with the evaluation transform (resize, normalise; no augmentation)."""
+    from data import build_dataset, build_transform, default_img_size
+
+    img_size = default_img_size(name) if img_size is None else img_size
+    return build_dataset(name, data_dir, split, build_transform(False, img_size))
+
+
+def make_extractor(args):
+    from metrics.dataset_stats import PenultimateFeatures, PixelFeatures
+
+    if args.features == "pixels":
+        return PixelFeatures(size=args.pixel_size)
+    if not args.pretrained:
+        raise UserError("stats: -a is required for --features penultimate (or use --features pixels)")
+    return PenultimateFeatures(None, args.pretrained)
+
+
+def run_stats(args) -> int:
+    from metrics.dataset_stats import dataset_statistics
+    from utils import resolve_device
+
+    outputs = {flag: check_writable(path, flag) for flag, path in (("--json", args.json), ("--csv", args.csv)) if path}
+    device = resolve_device(args.device)
+    overall = {label: value for path in args.transferability or [] for label, value in read_overall(path).items()}
+    missing = [name for name in args.dataset if overall and name not in overall]
+    if missing:
+        raise UserError(f"--transferability: no result labelled {missing[0]!r} in "
+                        f"{', '.join(args.transferability)}; label the results with the dataset names "
+                        f"(cal_transferability.py --labels) or leave --transferability out")
+    extractor = make_extractor(args)
+    source = validation_split(args.source, args.source_dir, "train", args.img_size)
+    rows = []
+    for name in args.dataset:
+        target = validation_split(name, args.data_dir, "train", args.img_size)
+        stats = dataset_statistics(
+            target, source, extractor, max_samples=args.max_samples, cache_dir=args.cache_dir,
+            target_key=f"{name}@{args.data_dir}", source_key=f"{args.source}@{args.source_dir}",
+            device=device, seed=args.seed)
+        rows.append({"dataset": name, **{k: stats[k] for k in ("N", "G", "D")}, "T": overall.get(name),
+                     "feature_dim": stats["feature_dim"], "samples": stats["samples"], "features": args.features})
+        print(f"{name:<28} N {stats['N']:>9,}  G {stats['G']:.4g}  D {stats['D']:.4g}  "
+              + (f"T {overall[name]:.2f}  " if overall.get(name) is not None else "") +
+              f"({stats['samples']} images, {stats['feature_dim']}-d {args.features} features)", flush=True)
+    write_rows(outputs, rows, STATS_COLUMNS)
+    return 0
+
+
+def write_rows(outputs: dict, rows: list[dict], columns) -> None:
+    writers = []
+    if "--json" in outputs:
+        text = json.dumps(rows, indent=2) + "\n"
+        writers.append((outputs["--json"], lambda f, text=text: f.write(text), "w"))
+    if "--csv" in outputs:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        writers.append((outputs["--csv"], lambda f, text=buffer.getvalue(): f.write(text), "w"))
+    commit_outputs(writers)
+
+
+# ---------------------------------------------------------------------------- regress
+
+
+def add_regress_parser(subparsers) -> None:
+    parser = subparsers.add_parser("regress", help="fit ln T = a G + b D + c ln N + d by least squares")
+    parser.add_argument("table", help="CSV with columns dataset, G, D, N, T (others are ignored)")
+    parser.add_argument("--json", metavar="PATH", help="write the fit as JSON")
+    parser.add_argument("--fig", metavar="PATH", default="Figs/regression.png",
+                        help="partial-regression figure (default: %(default)s)")
+    parser.add_argument("--no_fig", action="store_true", help="do not draw the figure")
+    parser.set_defaults(run=run_regress)
+
+
+def run_regress(args) -> int:
+    from metrics.regression import fit_log_transferability, fit_to_dict, format_fit, partial_regression_figure, read_table
+
+    outputs = {flag: check_writable(path, flag) for flag, path in
+               (("--json", args.json), ("--fig", None if args.no_fig else args.fig)) if path}
+    if "--fig" in outputs and figure_format(args.fig) is None:
+        raise UserError(f"--fig {args.fig}: unknown image format; end the name in .png, .pdf or .svg")
+    rows = read_table(args.table)
+    fit = fit_log_transferability(rows)
+    print(format_fit(fit, title=f"{args.table}: {len(rows)} datasets"))
+    writers = []
+    if "--json" in outputs:
+        text = json.dumps(fit_to_dict(fit), indent=2) + "\n"
+        writers.append((outputs["--json"], lambda f, text=text: f.write(text), "w"))
+    if "--fig" in outputs:
+        image = partial_regression_figure(rows, fit, figure_format(args.fig))
+        writers.append((outputs["--fig"], lambda f, image=image: f.write(image), "wb"))
+    commit_outputs(writers)
+    for path in outputs.values():
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def add_figure_parser(subparsers) -> None:
+    parser = subparsers.add_parser("figure", help="layer-wise curves of many fine-tuned checkpoints, one panel each")
+    parser.add_argument("results", nargs="+", metavar="RESULT.json",
+                        help="files written by cal_transferability.py --json")
+    parser.add_argument("--out", default="Figs/layerwise_transferability.png",
+                        help="the figure (default: %(default)s)")
+    parser.add_argument("--columns", type=int, default=6, help="panels per row (default: %(default)s)")
+    parser.set_defaults(run=run_figure)
+
+
+def _load_results(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; give the --json output of cal_transferability.py") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not a readable JSON file ({err})") from None
+
+
+def _short_label(result: dict) -> str:
+    label = result.get("label") or Path(result["finetuned"]).name
+    return Path(label).stem if label.endswith((".pth", ".pt")) else label
+
+
+def read_overall(path: str) -> dict[str, float | None]:
+    """``{label: overall T}`` of a cal_transferability JSON (labels without .pth)."""
+    document = _load_results(path)
+    try:
+        return {_short_label(result): result["overall"] for result in document["results"]}
+    except (KeyError, TypeError):
+        raise UserError(f"{path}: not a cal_transferability.py result (expected results[].overall)") from None
+
+
+def read_results(path: str) -> list[tuple[str, list[float]]]:
+    """``(label, T per point)`` for every fine-tuned checkpoint in a cal_transferability JSON."""
+    document = _load_results(path)
+    try:
+        panels = []
+        for result in document["results"]:
+            values = [math.inf if layer["transferability"] is None else float(layer["transferability"])
+                      for layer in result["layers"]]
+            panels.append((_short_label(result), values))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: not a cal_transferability.py result (expected results[].layers[].transferability)") from None
+    if not panels:
+        raise UserError(f"{path}: holds no results")
+    return panels
+
+
+def run_figure(args) -> int:
+    out = check_writable(args.out, "--out")
+    fmt = figure_format(args.out)
+    if fmt is None:
+        raise UserError(f"--out {args.out}: unknown image format; end the name in .png, .pdf or .svg")
+    if args.columns < 1:
+        raise UserError(f"--columns {args.columns}: must be at least 1")
+    panels = [panel for path in args.results for panel in read_results(path)]
+    image = layerwise_grid_bytes(panels, fmt, columns=args.columns)
+    commit_outputs([(out, lambda f: f.write(image), "wb")])
+    print(f"wrote {out} ({len(panels)} panels)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_stats_parser(subparsers)
+    add_regress_parser(subparsers)
+    add_figure_parser(subparsers)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,357 @@
+"""The paper's Section 3 regression: how transferability depends on the downstream data set.
+
+Over a table of data sets, each with a domain gap ``G``, an intraclass variance ``D``, a
+training-set size ``N`` and a measured transferability ``T``, ordinary least squares fits
+
+    ln T = a G + b D + c ln N + d
+
+Standard errors, t values, p values and R^2 come from statsmodels' OLS. The same model is
+also fitted with ``G``, ``D`` and ``ln N`` standardised (mean 0, sample standard deviation
+1), so that the three effects can be compared on one scale; ``ln T`` is left as it is.
+
+Everything here is a pure function (rows in, numbers, text or image bytes out); reading the
+table is the only I/O, and its problems are reported as :class:`utils.UserError`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import statsmodels.api as sm
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from utils import UserError
+
+# The table's columns the regression needs; any others are ignored.
+TABLE_COLUMNS = ("dataset", "G", "D", "N", "T")
+NUMERIC_COLUMNS = ("G", "D", "N", "T")
+# Terms of the model in design-matrix order (the constant is the last column).
+TERMS = ("G", "D", "log_N", "intercept")
+PREDICTORS = TERMS[:3]
+MIN_ROWS = len(TERMS) + 1  # at least one residual degree of freedom
+
+Row = Mapping[str, object]
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """Read a CSV with (at least) the columns ``dataset, G, D, N, T``.
+
+    Returns one dict per data row with exactly those keys: ``dataset`` a string, the
+    others floats. Raises :class:`UserError` (one line naming the file) for a missing or
+    unreadable file, missing columns, a value that is not a finite number, ``T <= 0`` or
+    ``N <= 0`` (their logarithms are undefined), and fewer than 5 rows.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a CSV file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
+            reader = csv.DictReader(handle)
+            header = [name.strip() for name in reader.fieldnames or []]
+            missing = [name for name in TABLE_COLUMNS if name not in header]
+            if missing:
+                raise UserError(
+                    f"{path}: missing column(s) {', '.join(missing)}; the table needs the columns "
+                    f"{', '.join(TABLE_COLUMNS)} (names are case-sensitive)"
+                )
+            reader.fieldnames = header
+            rows = [_parse_row(path, reader.line_num, raw) for raw in reader]
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
+    except csv.Error as err:
+        raise UserError(f"{path}: not a readable CSV file ({err})") from None
+    except PermissionError:
+        raise UserError(f"{path}: cannot be read (permission denied)") from None
+    if len(rows) < MIN_ROWS:
+        raise UserError(
+            f"{path}: {len(rows)} data row(s); the fit has {len(TERMS)} parameters "
+            f"(G, D, ln N, intercept) and needs at least {MIN_ROWS} rows"
+        )
+    return rows
+
+
+def _parse_row(path: Path, line: int, raw: Mapping[str, str | None]) -> dict:
+    name = (raw.get("dataset") or "").strip()
+    where = f"{path}: line {line}" + (f" ({name})" if name else "")
+    row: dict = {"dataset": name}
+    for column in NUMERIC_COLUMNS:
+        text = (raw.get(column) or "").strip()
+        if not text:
+            raise UserError(f"{where}, column {column}: the value is empty")
+        try:
+            value = float(text)
+        except ValueError:
+            raise UserError(f"{where}, column {column}: {text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise UserError(f"{where}, column {column}: {text!r} is not a finite number")
+        if column in ("N", "T") and value <= 0:
+            raise UserError(
+                f"{where}, column {column}: {text} is not positive, so ln {column} is undefined"
+            )
+        row[column] = value
+    return row
+
+
+# ---------------------------------------------------------------------------- fitting
+
+
+@dataclass(frozen=True)
+class RegressionFit:
+    """One OLS fit of ``log T`` on ``G``, ``D`` and ``log N``.
+
+    Each of ``coefficients``, ``std_errors``, ``t_values`` and ``p_values`` maps the
+    keys ``G``, ``D``, ``log_N`` and ``intercept`` to a float. ``standardized`` is the same
+    fit with the three predictors standardised (its own ``standardized`` is ``None``).
+    ``log_label`` names the logarithm used (``ln`` for the natural one).
+    """
+
+    coefficients: dict[str, float]
+    std_errors: dict[str, float]
+    t_values: dict[str, float]
+    p_values: dict[str, float]
+    r2: float
+    adj_r2: float
+    n: int
+    standardized: RegressionFit | None = None
+    log_label: str = "ln"
+
+
+def _log_label(log: Callable[[float], float]) -> str:
+    if log in (math.log, np.log):
+        return "ln"
+    return getattr(log, "__name__", "log")
+
+
+def _check_rows(rows: Sequence[Row]) -> None:
+    """The checks :func:`read_table` makes, for rows built in code."""
+    if len(rows) < MIN_ROWS:
+        raise UserError(
+            f"{len(rows)} data set(s) given; the fit has {len(TERMS)} parameters and needs at "
+            f"least {MIN_ROWS} data sets"
+        )
+    for row in rows:
+        for column in NUMERIC_COLUMNS:
+            value = float(row[column])  # type: ignore[arg-type]
+            if not math.isfinite(value):
+                raise UserError(f"data set {row.get('dataset')!r}: {column} = {value} is not finite")
+            if column in ("N", "T") and value <= 0:
+                raise UserError(
+                    f"data set {row.get('dataset')!r}: {column} = {value} is not positive, "
+                    f"so ln {column} is undefined"
+                )
+
+
+def _design(rows: Sequence[Row], log: Callable[[float], float]) -> tuple[np.ndarray, np.ndarray]:
+    """Predictor columns ``G, D, log N`` (no constant) and the response ``log T``."""
+    predictors = np.array(
+        [[float(r["G"]), float(r["D"]), log(float(r["N"]))] for r in rows], dtype=np.float64
+    )
+    response = np.array([log(float(r["T"])) for r in rows], dtype=np.float64)
+    return predictors, response
+
+
+def _ols(predictors: np.ndarray, response: np.ndarray, log_label: str) -> RegressionFit:
+    design = np.column_stack([predictors, np.ones(len(response))])
+    rank = np.linalg.matrix_rank(design)
+    if rank < design.shape[1]:
+        raise UserError(
+            f"the predictors G, D and {log_label} N are collinear over these data sets "
+            f"(design rank {rank} of {design.shape[1]}, e.g. a predictor that is the same for "
+            "every data set); the coefficients are not identifiable"
+        )
+    result = sm.OLS(response, design).fit()
+
+    def by_term(values: np.ndarray) -> dict[str, float]:
+        return {term: float(value) for term, value in zip(TERMS, np.asarray(values))}
+
+    return RegressionFit(
+        coefficients=by_term(result.params),
+        std_errors=by_term(result.bse),
+        t_values=by_term(result.tvalues),
+        p_values=by_term(result.pvalues),
+        r2=float(result.rsquared),
+        adj_r2=float(result.rsquared_adj),
+        n=int(result.nobs),
+        standardized=None,
+        log_label=log_label,
+    )
+
+
+def standardize(columns: np.ndarray) -> np.ndarray:
+    """Each column to mean 0 and sample standard deviation (ddof=1) 1."""
+    return (columns - columns.mean(axis=0)) / columns.std(axis=0, ddof=1)
+
+
+def fit_log_transferability(
+    rows: Sequence[Row], log: Callable[[float], float] = math.log
+) -> RegressionFit:
+    """Fit ``log T = a G + b D + c log N + d`` by OLS over ``rows`` (dicts with the keys
+    ``G``, ``D``, ``N``, ``T``), raw and with the three predictors standardised.
+
+    ``log`` is applied to both ``T`` and ``N``; the default is the natural logarithm.
+    """
+    _check_rows(rows)
+    label = _log_label(log)
+    predictors, response = _design(rows, log)
+    raw = _ols(predictors, response, label)
+    scaled = _ols(standardize(predictors), response, label)
+    return RegressionFit(
+        coefficients=raw.coefficients,
+        std_errors=raw.std_errors,
+        t_values=raw.t_values,
+        p_values=raw.p_values,
+        r2=raw.r2,
+        adj_r2=raw.adj_r2,
+        n=raw.n,
+        standardized=scaled,
+        log_label=label,
+    )
+
+
+def partial_residuals(
+    rows: Sequence[Row], predictor: str, log: Callable[[float], float] = math.log
+) -> tuple[np.ndarray, np.ndarray]:
+    """The data of an added-variable plot for ``predictor`` (``G``, ``D`` or ``log_N``).
+
+    Returns ``(x_resid, y_resid)``: the residuals of the predictor and of ``log T``, each
+    regressed by least squares on the other two predictors and a constant. By the
+    Frisch-Waugh-Lovell theorem the least-squares slope of ``y_resid`` on ``x_resid`` is
+    the predictor's coefficient in the multiple regression.
+    """
+    if predictor not in PREDICTORS:
+        raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}, not {predictor!r}")
+    predictors, response = _design(rows, log)
+    index = PREDICTORS.index(predictor)
+    others = np.column_stack([np.delete(predictors, index, axis=1), np.ones(len(response))])
+
+    def residuals(target: np.ndarray) -> np.ndarray:
+        solution, *_ = np.linalg.lstsq(others, target, rcond=None)
+        return target - others @ solution
+
+    return residuals(predictors[:, index]), residuals(response)
+
+
+# ---------------------------------------------------------------------------- reporting
+
+
+def fit_to_dict(fit: RegressionFit) -> dict:
+    """The fit as plain JSON-serialisable Python values."""
+    out: dict = {
+        "coefficients": dict(fit.coefficients),
+        "std_errors": dict(fit.std_errors),
+        "t_values": dict(fit.t_values),
+        "p_values": dict(fit.p_values),
+        "r2": float(fit.r2),
+        "adj_r2": float(fit.adj_r2),
+        "n": int(fit.n),
+    }
+    if fit.standardized is not None:
+        out["standardized"] = fit_to_dict(fit.standardized)
+    return out
+
+
+def _term_label(term: str, log_label: str, standardized: bool) -> str:
+    name = f"{log_label} N" if term == "log_N" else term
+    return f"z({name})" if standardized and term != "intercept" else name
+
+
+def format_equation(fit: RegressionFit, standardized: bool = False, digits: int = 2) -> str:
+    """The fitted model as text, e.g. ``ln T = -0.26 G + 0.32 D - 0.61 ln N + 2.86``."""
+    parts: list[str] = []
+    for term in TERMS:
+        value = round(fit.coefficients[term], digits) + 0.0  # + 0.0: no "-0.00"
+        magnitude = f"{abs(value):.{digits}f}"
+        label = "" if term == "intercept" else " " + _term_label(term, fit.log_label, standardized)
+        if not parts:
+            parts.append(f"{'-' if value < 0 else ''}{magnitude}{label}")
+        else:
+            parts.append(f" {'-' if value < 0 else '+'} {magnitude}{label}")
+    return f"{fit.log_label} T = " + "".join(parts)
+
+
+def _format_p(p: float) -> str:
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def _format_block(fit: RegressionFit, heading: str, standardized: bool) -> list[str]:
+    lines = [heading, f"  {'term':<12}{'coef':>10}{'std err':>10}{'t':>9}{'p':>10}"]
+    for term in TERMS:
+        lines.append(
+            f"  {_term_label(term, fit.log_label, standardized):<12}"
+            f"{fit.coefficients[term]:>10.4f}{fit.std_errors[term]:>10.4f}"
+            f"{fit.t_values[term]:>9.3f}{_format_p(fit.p_values[term]):>10}"
+        )
+    lines.append(f"  R^2 = {fit.r2:.4f}   adjusted R^2 = {fit.adj_r2:.4f}   n = {fit.n}")
+    lines.append(f"  {format_equation(fit, standardized)}")
+    return lines
+
+
+def format_fit(fit: RegressionFit, title: str) -> str:
+    """A readable report: coefficient table, R^2 and equation, raw and standardised."""
+    lines = [title, "=" * len(title)]
+    lines += _format_block(fit, f"Raw predictors ({fit.log_label} T on G, D, {fit.log_label} N):", False)
+    if fit.standardized is not None:
+        lines.append("")
+        lines += _format_block(
+            fit.standardized,
+            "Standardised predictors (z = (x - mean) / sample std; response not standardised):",
+            True,
+        )
+    return "\n".join(lines)
+
+
+def partial_regression_figure(
+    rows: Sequence[Row], fit: RegressionFit, fmt: str = "png", log: Callable[[float], float] = math.log
+) -> bytes:
+    """Added-variable plots, one panel per predictor, encoded as ``fmt`` image bytes.
+
+    Each panel shows the residuals of ``log T`` against those of the predictor (both
+    regressed on the other two predictors and a constant; see :func:`partial_residuals`),
+    labelled with the data set names, and the line through the origin whose slope is the
+    predictor's coefficient in ``fit``. ``rows`` and ``log`` must be those ``fit`` came from.
+    """
+    if len(rows) != fit.n or _log_label(log) != fit.log_label:
+        raise ValueError("partial_regression_figure: rows/log are not those the fit was made from")
+    lg = fit.log_label
+    # A bare Figure on an Agg canvas: no pyplot, so no global figure state to leak or close.
+    fig = Figure(figsize=(13.5, 4.4), dpi=150)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(PREDICTORS))
+    try:
+        for ax, term in zip(axes, PREDICTORS):
+            x_resid, y_resid = partial_residuals(rows, term, log)
+            label = _term_label(term, lg, standardized=False)
+            ax.scatter(x_resid, y_resid, s=18, zorder=3)
+            for row, x, y in zip(rows, x_resid, y_resid):
+                ax.annotate(str(row.get("dataset", "")), (x, y), xytext=(3, 3),
+                            textcoords="offset points", fontsize=6)
+            span = max(float(np.abs(x_resid).max()), 1e-12) * 1.1
+            xs = np.array([-span, span])
+            slope = fit.coefficients[term]
+            ax.plot(xs, slope * xs, color="tab:red", linewidth=1.2,
+                    label=f"slope {slope:.3g}")
+            ax.axhline(0.0, color="0.8", linewidth=0.8, zorder=1)
+            ax.axvline(0.0, color="0.8", linewidth=0.8, zorder=1)
+            ax.set_xlabel(f"{label} | others")
+            ax.set_ylabel(f"{lg} T | others")
+            ax.set_title(f"{label}: coef {slope:.3g}, p = {_format_p(fit.p_values[term])}",
+                         fontsize="medium")
+            ax.legend(fontsize="small", loc="best")
+        fig.suptitle(f"Partial regression of {lg} T (n = {fit.n}, R^2 = {fit.r2:.3f})")
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt)
+        return buffer.getvalue()
+    finally:
+        fig.clear()

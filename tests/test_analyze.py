@@ -1,0 +1,200 @@
+"""analyze.py (stats, regress, figure) and reproduce.py end to end in a tiny configuration."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import analyze
+import reproduce
+from models import build_model
+from utils import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def expect_error(capsys, argv, *needles):
+    assert run_cli(analyze.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "error:" in err[-1] and "Traceback" not in "\n".join(err)
+    for needle in needles:
+        assert needle in err[-1], err[-1]
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def write_result(path: Path, labels_and_values) -> None:
+    document = {"arch": "resnet20", "results": [
+        {"finetuned": f"{label}.pth", "label": f"{label}.pth", "overall": 1.0,
+         "layers": [{"name": f"p{i}", "transferability": v, "d_random": None, "d_pretrained": None, "status": "layer"}
+                    for i, v in enumerate(values)]}
+        for label, values in labels_and_values]}
+    path.write_text(json.dumps(document))
+
+
+def test_figure_draws_one_panel_per_result(tmp_path, capsys, monkeypatch):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    write_result(first, [("CIFAR-10", [3.0, 5.0, 1.0]), ("DTD", [2.0, None, 1.0])])
+    write_result(second, [("POCUS", [4.0, 6.0, 1.0])])
+    seen = {}
+
+    def fake_grid(panels, fmt, columns):
+        seen.update(panels=panels, fmt=fmt, columns=columns)
+        return PNG + b"fake"
+
+    monkeypatch.setattr(analyze, "layerwise_grid_bytes", fake_grid)
+    out = tmp_path / "grid.png"
+    assert run_cli(analyze.main, ["figure", str(first), str(second), "--out", str(out), "--columns", "2"]) == 0
+    assert [title for title, _ in seen["panels"]] == ["CIFAR-10", "DTD", "POCUS"]
+    assert seen["panels"][1][1][1] == math.inf  # a frozen layer (null in JSON)
+    assert seen["columns"] == 2 and out.read_bytes().startswith(PNG)
+
+
+def test_figure_of_a_real_cal_transferability_result(tmp_path, make_tiny_trio):
+    import cal_transferability
+
+    trio = make_tiny_trio("trio")
+    result = tmp_path / "result.json"
+    argv = ["-r", str(trio.r), "-a", str(trio.a), "-b", str(trio.b), "--json", str(result), "--no_fig"]
+    assert run_cli(cal_transferability.main, argv) == 0
+    out = tmp_path / "grid.png"
+    assert run_cli(analyze.main, ["figure", str(result), "--out", str(out)]) == 0
+    assert out.read_bytes().startswith(PNG)
+
+
+def test_figure_bad_input(tmp_path, capsys):
+    expect_error(capsys, ["figure", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.png")], "missing.json")
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    expect_error(capsys, ["figure", str(tmp_path / "other.json"), "--out", str(tmp_path / "x.png")], "other.json")
+    write_result(tmp_path / "ok.json", [("A", [1.0, 1.0])])
+    expect_error(capsys, ["figure", str(tmp_path / "ok.json"), "--out", str(tmp_path / "x.xyz")], "--out")
+    assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------- regress
+
+
+def test_regress_cli_writes_json_and_figure(tmp_path, capsys):
+    fit_json, fig = tmp_path / "fit.json", tmp_path / "fit.png"
+    table = REPO / "data" / "paper_table.csv"
+    assert run_cli(analyze.main, ["regress", str(table), "--json", str(fit_json), "--fig", str(fig)]) == 0
+    out = capsys.readouterr().out
+    assert "ln T" in out
+    fit = json.loads(fit_json.read_text())
+    assert set(fit["coefficients"]) == {"G", "D", "log_N", "intercept"} and fit["n"] == 12
+    assert set(fit["standardized"]["coefficients"]) == {"G", "D", "log_N", "intercept"}
+    # the same numbers as an independent least-squares solve on the shipped table
+    rows = np.genfromtxt(table, delimiter=",", names=True, dtype=None, encoding=None)
+    x = np.column_stack([rows["G"], rows["D"], np.log(rows["N"]), np.ones(len(rows))])
+    coef = np.linalg.lstsq(x, np.log(rows["T"]), rcond=None)[0]
+    assert [fit["coefficients"][k] for k in ("G", "D", "log_N", "intercept")] == pytest.approx(coef, rel=1e-9)
+    assert fig.read_bytes().startswith(PNG)
+
+
+def test_regress_bad_table(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("dataset,G,D\nx,1,2\n")
+    expect_error(capsys, ["regress", str(bad), "--no_fig"], "bad.csv")
+
+
+# ------------------------------------------------------------------------------ stats
+
+
+def test_stats_cli_on_synthetic_data(tmp_path, capsys):
+    a = tmp_path / "a.pth"
+    torch.manual_seed(0)
+    torch.save(build_model("resnet20", 6).state_dict(), a)
+    rows_json, rows_csv = tmp_path / "stats.json", tmp_path / "stats.csv"
+    argv = ["stats", "--dataset", "synthetic:classes=3,n=10,size=16,gap=0.0", "synthetic:classes=3,n=10,size=16,gap=1.0",
+            "--source", "synthetic:source,classes=4,n=10,size=16", "-a", str(a), "--max_samples", "40",
+            "--cache_dir", str(tmp_path / "cache"), "--json", str(rows_json), "--csv", str(rows_csv), "--device", "cpu"]
+    assert run_cli(analyze.main, argv) == 0
+    rows = json.loads(rows_json.read_text())
+    assert [r["N"] for r in rows] == [30, 30] and all(r["feature_dim"] == 64 for r in rows)
+    assert rows[1]["G"] > rows[0]["G"] >= 0
+    assert rows_csv.read_text().splitlines()[0] == ",".join(analyze.STATS_COLUMNS)
+    assert any((tmp_path / "cache").iterdir())
+    pixels = ["stats", "--dataset", "synthetic:classes=3,n=10,size=16", "--source", "synthetic:source,classes=4,n=10,size=16",
+              "--features", "pixels", "--cache_dir", str(tmp_path / "cache")]
+    assert run_cli(analyze.main, pixels) == 0
+
+
+def test_stats_needs_a_checkpoint_for_penultimate_features(tmp_path, capsys):
+    expect_error(capsys, ["stats", "--dataset", "synthetic", "--source", "synthetic:source"], "-a")
+
+
+# -------------------------------------------------------------------------- reproduce
+
+
+def test_reproduce_tiny_study_end_to_end_and_cached(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "study"
+    assert run_cli(reproduce.main, ["--preset", "tiny", "--out", str(out), "--device", "cpu"]) == 0
+    report = (out / "report.md").read_text()
+    assert "| Domain gap G |" in report.replace("Dataset |", "|") or "Domain gap G" in report
+    assert "ln T" in report and "This run:" in report
+    for figure in ("regression.png", "layerwise_transferability.png"):
+        assert (out / figure).read_bytes().startswith(PNG)
+        assert f"]({figure})" in report
+    summary = json.loads((out / "study.json").read_text())
+    configs = reproduce.target_configs(reproduce.PRESETS["tiny"])
+    assert len(summary["runs"]) == len(configs) == 7
+    assert [f["supported"] in (True, False) for f in summary["findings"]] == [True, True]
+    results = sorted((out / "finetune").glob("*/result.json"))
+    assert len(results) == 7
+
+    # A second call reuses every cached run: no training, no measuring.
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a cached run was redone")
+
+    import finetune
+    import pretrain_on_ImageNet
+
+    monkeypatch.setattr(finetune, "main", forbidden)
+    monkeypatch.setattr(pretrain_on_ImageNet, "main", forbidden)
+    mtimes = [p.stat().st_mtime_ns for p in results]
+    assert run_cli(reproduce.main, ["--preset", "tiny", "--out", str(out), "--device", "cpu"]) == 0
+    assert [p.stat().st_mtime_ns for p in results] == mtimes
+
+
+def test_depth_trend_and_findings():
+    assert reproduce.depth_trend([1.0, 2.0, 3.0, 4.0, 1.0]) == pytest.approx(1.0)
+    assert reproduce.depth_trend([4.0, 3.0, 2.0, 1.0, 1.0]) == pytest.approx(-1.0)
+    assert math.isnan(reproduce.depth_trend([2.0, 1.0]))
+
+
+def test_target_configs_vary_one_knob_at_a_time():
+    study = reproduce.PRESETS["quick"]
+    configs = reproduce.target_configs(study)
+    for name, options in configs:
+        differing = [k for k in options if options[k] != study.target[k]]
+        assert len(differing) <= 1
+        if differing:
+            assert name == f"{differing[0]}={options[differing[0]]}"
+    assert len(configs) == len({json.dumps(o, sort_keys=True) for _, o in configs})
+
+
+def test_stats_fills_t_from_labelled_results_and_feeds_regress(tmp_path, capsys):
+    names = [f"synthetic:classes=3,n={n},size=16,gap={g}" for n, g in ((6, 0.0), (8, 0.3), (10, 0.6), (12, 0.9), (14, 1.0))]
+    result = tmp_path / "results.json"
+    write_result(result, [(name, [2.0 + i, 3.0, 1.0]) for i, name in enumerate(names)])
+    document = json.loads(result.read_text())
+    for i, entry in enumerate(document["results"]):
+        entry["overall"] = 2.5 + i
+    result.write_text(json.dumps(document))
+    table = tmp_path / "table.csv"
+    argv = ["stats", "--dataset", *names, "--source", "synthetic:source,classes=4,n=10,size=16", "--features", "pixels",
+            "--transferability", str(result), "--cache_dir", str(tmp_path / "cache"), "--csv", str(table)]
+    assert run_cli(analyze.main, argv) == 0
+    from metrics.regression import read_table
+
+    rows = read_table(table)
+    assert [row["T"] for row in rows] == [2.5, 3.5, 4.5, 5.5, 6.5]
+    assert [row["N"] for row in rows] == [18, 24, 30, 36, 42]
+    assert run_cli(analyze.main, ["regress", str(table), "--no_fig"]) == 0
+    expect_error(capsys, argv[:-2] + ["--dataset", "synthetic:classes=3,n=5,size=16"], "--transferability")
