@@ -161,6 +161,16 @@ def test_reproduce_tiny_study_end_to_end_and_cached(tmp_path, capsys, monkeypatc
     assert run_cli(reproduce.main, ["--preset", "tiny", "--out", str(out), "--device", "cpu"]) == 0
     assert [p.stat().st_mtime_ns for p in results] == mtimes
 
+    # A study stopped before one run finished redoes that run only.
+    monkeypatch.undo()
+    calls = []
+    original = finetune.main
+    monkeypatch.setattr(finetune, "main", lambda argv: calls.append(argv) or original(argv))
+    monkeypatch.setattr(pretrain_on_ImageNet, "main", forbidden)
+    results[3].unlink()
+    assert run_cli(reproduce.main, ["--preset", "tiny", "--out", str(out), "--device", "cpu"]) == 0
+    assert len(calls) == 1 and results[3].exists()
+
 
 def test_depth_trend_and_findings():
     assert reproduce.depth_trend([1.0, 2.0, 3.0, 4.0, 1.0]) == pytest.approx(1.0)
