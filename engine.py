@@ -70,6 +70,7 @@ def init_processes(device_name: str) -> Processes:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if world_size > 1 else (device.index or 0))
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fastest convolution algorithms for fixed input sizes
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Processes(rank, world_size, local_rank, device)

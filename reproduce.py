@@ -77,17 +77,16 @@ def digest(payload: object) -> str:
 
 
 def target_configs(study: Study) -> list[tuple[str, dict]]:
-    """``(name, options)`` for the base target and every level of every knob, once each."""
-    configs: dict[str, tuple[str, dict]] = {}
+    """``(name, options)`` for the base target and every level of every knob, once each.
+
+    The base target comes first, named ``base``; the others are named by the knob that
+    differs from it, e.g. ``gap=0.25``.
+    """
+    configs: dict[str, tuple[str, dict]] = {json.dumps(study.target, sort_keys=True): ("base", dict(study.target))}
     for knob, values in study.levels.items():
         for value in values:
             options = {**study.target, knob: value}
-            key = json.dumps(options, sort_keys=True)
-            if key not in configs:
-                configs[key] = (f"{knob}={value}", options)
-    base_key = json.dumps(study.target, sort_keys=True)
-    if base_key not in configs:
-        configs[base_key] = ("base", dict(study.target))
+            configs.setdefault(json.dumps(options, sort_keys=True), (f"{knob}={value}", options))
     return list(configs.values())
 
 
@@ -325,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "study_table.csv", lambda f: f.write(table), "w"),
         (out / "study.json", lambda f: f.write(json.dumps(summary, indent=2, default=list)), "w"),
         (out / figures["regression"], lambda f: f.write(partial_regression_figure(rows, fit)), "wb"),
-        (out / figures["layerwise"], lambda f: f.write(layerwise_grid_bytes(panels, columns=5)), "wb"),
+        (out / figures["layerwise"], lambda f: f.write(layerwise_grid_bytes(panels, columns=6)), "wb"),
         (out / "report.md", lambda f: f.write(report), "w"),
     ])
     print(report.split("## Regression")[0].strip())

@@ -181,11 +181,11 @@ def test_depth_trend_and_findings():
 def test_target_configs_vary_one_knob_at_a_time():
     study = reproduce.PRESETS["quick"]
     configs = reproduce.target_configs(study)
-    for name, options in configs:
+    assert configs[0] == ("base", study.target)
+    for name, options in configs[1:]:
         differing = [k for k in options if options[k] != study.target[k]]
-        assert len(differing) <= 1
-        if differing:
-            assert name == f"{differing[0]}={options[differing[0]]}"
+        assert len(differing) == 1
+        assert name == f"{differing[0]}={options[differing[0]]}"
     assert len(configs) == len({json.dumps(o, sort_keys=True) for _, o in configs})
 
 
