@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -128,6 +129,14 @@ def pretrain(study: Study, out: Path, device: str) -> Path:
     return run
 
 
+@functools.lru_cache(maxsize=2)
+def source_split(source: str, size: int):
+    """The source task's training images, generated once per process (every run needs them)."""
+    from data import build_dataset, build_transform
+
+    return build_dataset(f"synthetic:{source}", None, "train", build_transform(False, size))
+
+
 def finetune_and_measure(study: Study, pretrained: Path, name: str, options: dict, seed: int, out: Path,
                          device: str) -> dict:
     """Fine-tune one target, then measure T and N, G, D; cached in the run's result.json."""
@@ -161,8 +170,7 @@ def finetune_and_measure(study: Study, pretrained: Path, name: str, options: dic
     transfer = TransferabilityMeter(groups, theta_r, theta_a, resolve_device(device))(load_state_dict_safely(b))
     size = options["size"]
     target = build_dataset(dataset, None, "train", build_transform(False, size))
-    source = build_dataset(f"synthetic:{study.source}", None, "train", build_transform(False, size))
-    stats = dataset_statistics(target, source, PenultimateFeatures(None, pretrained / "a.pth"),
+    stats = dataset_statistics(target, source_split(study.source, size), PenultimateFeatures(None, pretrained / "a.pth"),
                                max_samples=study.max_samples, cache_dir=out / "cache", target_key=dataset,
                                source_key=f"synthetic:{study.source}", device=resolve_device(device), seed=0,
                                progress=False)
