@@ -367,11 +367,15 @@ def fit(
     best_path: str | os.PathLike,
     resume: Mapping | None = None,
     announce: Callable[[str], None] | None = None,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> FitResult:
     """Train ``model`` and keep its best-validation weights at ``best_path``.
 
-    ``resume`` is a checkpoint from :func:`load_checkpoint`. Raises :class:`UserError` when
-    the loss becomes NaN/Inf (the files of the last good epoch are left as they were).
+    ``resume`` is a checkpoint from :func:`load_checkpoint`. ``augment`` (e.g.
+    :class:`data.transforms.BatchAugment`) turns each training batch, on the device, into the
+    model's input, with random numbers from a generator seeded by (seed, epoch, step).
+    Raises :class:`UserError` when the loss becomes NaN/Inf (the files of the last good epoch
+    are left as they were).
     """
     best_path, last_path, log_path = run_files(best_path)
     say = announce or (lambda text: print(text, flush=True))
@@ -426,8 +430,11 @@ def fit(
     val_loader = DataLoader(SeededSamples(val_set), batch_size=settings.batch_size, sampler=val_sampler,
                             **loader_options)
 
-    def to_device(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_device(images: torch.Tensor, labels: torch.Tensor,
+                  augment_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(device, non_blocking=True)
+        if augment_seed is not None:
+            images = augment(images, torch.Generator().manual_seed(augment_seed))
         if settings.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels.to(device, non_blocking=True)
@@ -486,7 +493,8 @@ def fit(
                 images, labels, skipped = unpack_batch(batch)
                 stats["skipped"] += skipped
                 if len(labels):
-                    images, labels = to_device(images, labels)
+                    seed = sample_seed(settings.seed, epoch, step) if augment is not None else None
+                    images, labels = to_device(images, labels, seed)
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         logits = train_model(images)
                         loss = nn.functional.cross_entropy(logits.float(), labels)
@@ -574,18 +582,24 @@ def load_backbone(model: nn.Module, state_dict: Mapping[str, torch.Tensor], head
 
 
 def build_train_val(dataset: str, data_dir: str | None, img_size: int | None, color_jitter: bool,
-                    skip_corrupt: bool, seed: int) -> tuple[Dataset, Dataset, int]:
-    """Both splits of ``dataset`` with the seed's transforms; returns them and the image size."""
+                    skip_corrupt: bool, seed: int) -> tuple[Dataset, Dataset, int, Callable]:
+    """Both splits of ``dataset``, the image size, and the training augmentation.
+
+    Training images are only resized per image (uint8); the seed's augmentation then runs
+    on whole batches on the device (:class:`data.transforms.BatchAugment`). Validation
+    images get the seed's evaluation transform.
+    """
     from data import build_dataset, build_transform, default_img_size
+    from data.transforms import BatchAugment, build_loading_transform
 
     img_size = default_img_size(dataset) if img_size is None else img_size
     if img_size < 8:
         raise UserError(f"--img_size {img_size}: must be at least 8")
-    train = build_dataset(dataset, data_dir, "train", build_transform(True, img_size, color_jitter), skip_corrupt, seed)
+    train = build_dataset(dataset, data_dir, "train", build_loading_transform(img_size), skip_corrupt, seed)
     val = build_dataset(dataset, data_dir, "val", build_transform(False, img_size), skip_corrupt, seed)
     if len(train) == 0 or len(val) == 0:
         raise UserError(f"--dataset {dataset}: the {'train' if len(train) == 0 else 'val'} split is empty")
-    return train, val, img_size
+    return train, val, img_size, BatchAugment(img_size, color_jitter)
 
 
 def check_resume(checkpoint: Mapping, args, keys: Sequence[str]) -> None:
@@ -625,7 +639,7 @@ def run_training(args, *, best_path: str, outputs: Mapping[Path, str], color_jit
         if args.resume:
             resume = load_checkpoint(args.resume)
             check_resume(resume, args, ("arch", "dataset"))
-        train, val, args.img_size = build_train_val(
+        train, val, args.img_size, augment = build_train_val(
             args.dataset, args.data_dir, args.img_size, color_jitter, args.skip_corrupt, args.seed)
         seed_everything(args.seed)
         model = build_model(args.arch, num_classes=len(train.classes))
@@ -633,7 +647,7 @@ def run_training(args, *, best_path: str, outputs: Mapping[Path, str], color_jit
             dist.barrier()
         init_model(model, resume is not None, procs.is_main)
         result = fit(model, train, val, settings_from_args(args, schedule=schedule, label=label),
-                     procs, best_path, resume)
+                     procs, best_path, resume, augment=augment)
     finally:
         close_processes(procs)
     if result.stopped_by:

@@ -1,14 +1,15 @@
 """Benchmark: training throughput of finetune.py's loop (engine.fit) against a loop written
 like the seed's, and against a ceiling with no data loading, all in this one run.
 
-    python bench/bench_training.py [--arch resnet20] [--img_size 32] [--batch_size 128] [--epochs 2]
+    python bench/bench_training.py [--arch resnet20] [--img_size 32] [--batch_size 128] [--epochs 3]
 
 The data are real image files: the synthetic benchmark's images written as PNGs in the
 ``imagefolder`` layout, so both loops decode files. Reported, in training images/s:
 
 * seed-style: fp32, NCHW, eager, torchvision's v1 per-image PIL transforms, num_workers=0;
-* ours:       engine.fit with this project's defaults (channels-last, data-loading workers,
-              the v2 transforms), the training phase only (the log's images_per_s);
+* ours:       finetune.py's data path and engine.fit with the project's defaults (images
+              resized per image, the augmentation per batch, channels-last, no loading
+              processes on the CPU), the training phase only (the log's images_per_s);
 * ceiling:    the same model and step on one fixed batch already in memory (no loading);
 * and the last two again with ``--amp bf16`` (bfloat16 autocast: faster where the CPU has
   bf16 instructions, but not the same numbers as fp32).
@@ -33,7 +34,7 @@ from torchvision.datasets import ImageFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
-from data import NORMALIZE_MEAN, NORMALIZE_STD, build_dataset, build_transform  # noqa: E402
+from data import NORMALIZE_MEAN, NORMALIZE_STD  # noqa: E402
 from data.synthetic import build_synthetic  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -73,14 +74,14 @@ def seed_style(root: Path, arch: str, img_size: int, batch_size: int, epochs: in
 
 def ours(root: Path, arch: str, img_size: int, batch_size: int, epochs: int, classes: int, workers: int,
          out: Path, amp: str = "off") -> float:
-    train = build_dataset("imagefolder", root, "train", build_transform(True, img_size))
-    val = build_dataset("imagefolder", root, "val", build_transform(False, img_size))
+    train, val, _, augment = engine.build_train_val("imagefolder", str(root), img_size, False, False, 0)
     torch.manual_seed(0)
     model = build_model(arch, classes)
     settings = engine.TrainSettings(epochs=epochs, batch_size=batch_size, lr=0.01, weight_decay=1e-4,
                                     workers=workers, amp=amp, label="bench")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        result = engine.fit(model, train, val, settings, engine.init_processes("cpu"), out / f"bench_{amp}.pth")
+        result = engine.fit(model, train, val, settings, engine.init_processes("cpu"), out / f"bench_{amp}.pth",
+                            augment=augment)
     # engine.fit trains on the 80 % train split; images/s counts only what it trained on.
     return result.history[-1]["images_per_s"]
 
@@ -109,8 +110,8 @@ def main() -> None:
     parser.add_argument("--img_size", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--per_class", type=int, default=200)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--per_class", type=int, default=400)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=engine.default_workers(torch.device("cpu")))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
