@@ -5,9 +5,10 @@ weights kept: the paper's recipe. Around it: DistributedDataParallel under ``tor
 (NCCL on GPUs, gloo on CPUs; only rank 0 prints and writes), mixed precision,
 channels-last, ``torch.compile``, and exact resumption.
 
-Exact resumption. Every sample's augmentation is drawn from a generator seeded by
-(seed, epoch, sample index), and the sample order of an epoch by (seed, epoch), so neither
-depends on the number of workers or on where a run was stopped. A checkpoint holds
+Exact resumption. Per image, data loading only decodes and resizes (no randomness); each
+batch's augmentation runs in the training process, drawn from a generator seeded by
+(seed, epoch, step), and the sample order of an epoch by (seed, epoch), so neither depends
+on the number of workers or on where a run was stopped. A checkpoint holds
 everything else (weights, optimizer, scheduler, scaler, RNG states, the position inside the
 epoch, the history). A run resumed from any checkpoint therefore ends with the same weights,
 bit for bit on the CPU, as a run that was never stopped.
@@ -87,17 +88,17 @@ def close_processes(procs: Processes) -> None:
 _MASK64 = (1 << 64) - 1
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for one sample's augmentation, from (run seed, epoch, index): the
-    three are combined and scrambled with the SplitMix64 finaliser."""
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03 + index * 0x8CB92BA72F3D8DD7 + 0x2545F4914F6CDD1D) & _MASK64
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    """A 63-bit seed for one training step's augmentation, from (run seed, epoch, step):
+    the three are combined and scrambled with the SplitMix64 finaliser."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03 + step * 0x8CB92BA72F3D8DD7 + 0x2545F4914F6CDD1D) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (x ^ (x >> 31)) >> 1
 
 
 class EpochSampler(Sampler):
-    """Yields ``(index, augmentation_seed)`` pairs: this rank's share of the epoch.
+    """Yields this rank's share of the epoch's sample indices.
 
     The order is a permutation seeded by (seed, epoch), padded (training) so every rank
     gets the same number of samples, as DistributedSampler does; ``skip`` drops the first
@@ -122,9 +123,8 @@ class EpochSampler(Sampler):
         order += order[: per_rank * self.world_size - self.size]
         return order[self.rank :: self.world_size]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self._indices()[self.skip :]:
-            yield index, sample_seed(self.seed, self.epoch, index)
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.skip :])
 
     def __len__(self) -> int:
         return len(self._indices()) - self.skip
@@ -139,12 +139,9 @@ class LoadFailure:
     message: str
 
 
-class SeededSamples(Dataset):
-    """Wraps a dataset so that ``dataset[(index, seed)]`` runs its transform under ``seed``.
-
-    The global torch RNG is saved and restored around the call, so the caller's random
-    stream (the main process when ``workers=0``) is left untouched.
-    """
+class ReportingFailures(Dataset):
+    """Wraps a dataset so that a :class:`UserError` while loading a sample (a corrupt
+    image) comes back as a :class:`LoadFailure` instead of an exception."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -152,19 +149,11 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
-        index, seed = key
-        # The CPU generator alone: torch.manual_seed would also seed every CUDA device,
-        # which costs ~70 us a sample; transforms draw from the CPU generator only.
-        generator = torch.default_generator
-        state = generator.get_state()
-        generator.manual_seed(seed)
+    def __getitem__(self, index: int):
         try:
             return self.dataset[index]
         except UserError as err:
             return LoadFailure(str(err))
-        finally:
-            generator.set_state(state)
 
 
 def collate_batch(batch: Sequence):
@@ -261,13 +250,13 @@ def run_files(best_path: str | os.PathLike) -> tuple[Path, Path, Path]:
     return best, stem.with_name(stem.name + ".last.pth"), stem.with_name(stem.name + ".log.jsonl")
 
 
-def check_outputs(paths: Sequence[Path], flag_of: Mapping[Path, str], overwrite: bool, resume: bool) -> None:
-    """Refuse to replace a file unless --overwrite or --resume; fail early on unwritable paths."""
-    for path in paths:
-        check_writable(path, flag_of.get(path, "output"))
+def check_outputs(outputs: Mapping[Path, str], overwrite: bool, resume: bool) -> None:
+    """Refuse to replace a file unless --overwrite or --resume; fail early on unwritable
+    paths. ``outputs`` maps each file to the flag that names it."""
+    for path, flag in outputs.items():
+        check_writable(path, flag)
         if path.exists() and not (overwrite or resume):
-            raise UserError(f"{flag_of.get(path, 'output')} {path}: exists; pass --overwrite to replace it "
-                            "or --resume to continue its run")
+            raise UserError(f"{flag} {path}: exists; pass --overwrite to replace it or --resume to continue its run")
 
 
 def _rng_state() -> dict:
@@ -425,9 +414,9 @@ def fit(
                           generator=torch.Generator().manual_seed(settings.seed))
     train_sampler = EpochSampler(len(train_set), settings.seed, procs.rank, procs.world_size, shuffle=True)
     val_sampler = EpochSampler(len(val_set), settings.seed, procs.rank, procs.world_size, shuffle=False)
-    train_loader = DataLoader(SeededSamples(train_set), batch_size=settings.batch_size, sampler=train_sampler,
+    train_loader = DataLoader(ReportingFailures(train_set), batch_size=settings.batch_size, sampler=train_sampler,
                               drop_last=False, **loader_options)
-    val_loader = DataLoader(SeededSamples(val_set), batch_size=settings.batch_size, sampler=val_sampler,
+    val_loader = DataLoader(ReportingFailures(val_set), batch_size=settings.batch_size, sampler=val_sampler,
                             **loader_options)
 
     def to_device(images: torch.Tensor, labels: torch.Tensor,
@@ -493,7 +482,7 @@ def fit(
                 images, labels, skipped = unpack_batch(batch)
                 stats["skipped"] += skipped
                 if len(labels):
-                    seed = sample_seed(settings.seed, epoch, step) if augment is not None else None
+                    seed = step_seed(settings.seed, epoch, step) if augment is not None else None
                     images, labels = to_device(images, labels, seed)
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         logits = train_model(images)
@@ -611,11 +600,11 @@ def check_resume(checkpoint: Mapping, args, keys: Sequence[str]) -> None:
                             f"not {getattr(args, key)}; resume with the same --{key} or start a new run")
 
 
-def settings_from_args(args, *, schedule: str, label: str) -> TrainSettings:
+def settings_from_args(args, device: torch.device, *, schedule: str, label: str) -> TrainSettings:
     return TrainSettings(
         epochs=args.max_epoch, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         momentum=args.momentum, schedule=schedule, step_size=getattr(args, "lr_step", 40), seed=args.seed,
-        workers=args.workers if args.workers is not None else default_workers(resolve_device(args.device)),
+        workers=args.workers if args.workers is not None else default_workers(device),
         amp=args.amp, channels_last=args.channels_last, compile=args.compile,
         sync_bn=args.sync_bn, label=label,
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -634,7 +623,7 @@ def run_training(args, *, best_path: str, outputs: Mapping[Path, str], color_jit
 
     procs = init_processes(args.device)
     try:
-        check_outputs(list(outputs), outputs, args.overwrite, args.resume is not None)
+        check_outputs(outputs, args.overwrite, args.resume is not None)
         resume = None
         if args.resume:
             resume = load_checkpoint(args.resume)
@@ -646,7 +635,7 @@ def run_training(args, *, best_path: str, outputs: Mapping[Path, str], color_jit
         if procs.distributed:
             dist.barrier()
         init_model(model, resume is not None, procs.is_main)
-        result = fit(model, train, val, settings_from_args(args, schedule=schedule, label=label),
+        result = fit(model, train, val, settings_from_args(args, procs.device, schedule=schedule, label=label),
                      procs, best_path, resume, augment=augment)
     finally:
         close_processes(procs)

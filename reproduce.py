@@ -137,14 +137,26 @@ def source_split(source: str, size: int):
     return build_dataset(f"synthetic:{source}", None, "train", build_transform(False, size))
 
 
+@functools.lru_cache(maxsize=1)
+def pretrained_tools(arch: str, pretrained: Path, device: str):
+    """The T meter (theta_r and theta_A read once) and theta_A's feature extractor, shared
+    by every fine-tuned run of the study."""
+    from metrics import TransferabilityMeter
+    from metrics.dataset_stats import PenultimateFeatures
+    from models import layer_groups
+    from utils import load_state_dict_safely, resolve_device
+
+    theta_r, theta_a = load_state_dict_safely(pretrained / "r.pth"), load_state_dict_safely(pretrained / "a.pth")
+    meter = TransferabilityMeter(layer_groups(arch, theta_a), theta_r, theta_a, resolve_device(device))
+    return meter, PenultimateFeatures(arch, pretrained / "a.pth")
+
+
 def finetune_and_measure(study: Study, pretrained: Path, name: str, options: dict, seed: int, out: Path,
                          device: str) -> dict:
     """Fine-tune one target, then measure T and N, G, D; cached in the run's result.json."""
     import finetune
     from data import build_dataset, build_transform
-    from metrics import TransferabilityMeter
-    from metrics.dataset_stats import PenultimateFeatures, dataset_statistics
-    from models import layer_groups
+    from metrics.dataset_stats import dataset_statistics
     from utils import load_state_dict_safely, resolve_device
 
     dataset = dataset_option(options, seed)
@@ -165,12 +177,11 @@ def finetune_and_measure(study: Study, pretrained: Path, name: str, options: dic
     if status != 0:
         raise UserError(f"fine-tuning {name} (seed {seed}) stopped (status {status}); run reproduce.py again to resume")
 
-    theta_r, theta_a = load_state_dict_safely(pretrained / "r.pth"), load_state_dict_safely(pretrained / "a.pth")
-    groups = layer_groups(study.arch, theta_a)
-    transfer = TransferabilityMeter(groups, theta_r, theta_a, resolve_device(device))(load_state_dict_safely(b))
+    meter, extractor = pretrained_tools(study.arch, pretrained, device)
+    transfer = meter(load_state_dict_safely(b))
     size = options["size"]
     target = build_dataset(dataset, None, "train", build_transform(False, size))
-    stats = dataset_statistics(target, source_split(study.source, size), PenultimateFeatures(None, pretrained / "a.pth"),
+    stats = dataset_statistics(target, source_split(study.source, size), extractor,
                                max_samples=study.max_samples, cache_dir=out / "cache", target_key=dataset,
                                source_key=f"synthetic:{study.source}", device=resolve_device(device), seed=0,
                                progress=False)
