@@ -178,6 +178,58 @@ def unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
     return batch
 
 
+class CachedLoader:
+    """Batches cut out of an :class:`data.cache.ImageCache` in the sampler's order: the same
+    ``(images, labels, skipped)`` batches as a DataLoader over the data set with the same
+    sampler, batch size and :func:`collate_batch`, without reading a file."""
+
+    def __init__(self, cache, sampler: Sampler, batch_size: int, pin_memory: bool) -> None:
+        self.cache, self.sampler, self.batch_size, self.pin_memory = cache, sampler, batch_size, pin_memory
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        for start in range(0, len(indices), self.batch_size):
+            images, labels, skipped = self.cache.batch(indices[start:start + self.batch_size])
+            if self.pin_memory:
+                images, labels = images.pin_memory(), labels.pin_memory()
+            yield images, labels, skipped
+
+
+class _Interrupted(Exception):
+    """A stop signal arrived while the images were being cached."""
+
+
+def first_sample(dataset: Dataset):
+    """The first sample that loads (None if every one was skipped as corrupt)."""
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        if sample is not None:
+            return sample
+    return None
+
+
+def fill_cache(dataset: Dataset, workers: int, desc: str, show: bool, stop: "_StopRequests"):
+    """Read every sample of ``dataset`` once (with ``workers`` loading processes) into an
+    :class:`data.cache.ImageCache`; None if its samples cannot be cached."""
+    from data.cache import ImageCache
+
+    loader = DataLoader(ReportingFailures(dataset), batch_size=64, num_workers=workers, collate_fn=list)
+
+    def samples():
+        for chunk in tqdm(loader, desc=desc, leave=False, disable=not show or None):
+            if stop.signum:
+                raise _Interrupted
+            for sample in chunk:
+                if isinstance(sample, LoadFailure):
+                    raise UserError(sample.message)
+                yield sample
+
+    return ImageCache.from_samples(samples(), len(dataset))
+
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -199,6 +251,7 @@ class TrainSettings:
     channels_last: bool = True
     compile: bool = False
     sync_bn: bool = False
+    cache: str = "auto"  # decoded images in memory: "auto", "on", "off" (data.cache)
     label: str = "train"
     args: dict = field(default_factory=dict)  # the script's arguments, stored in checkpoints
 
@@ -216,6 +269,9 @@ def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -
     parser.add_argument("--workers", type=int,
                         help="data-loading processes per training process (default: 0 when training on "
                         "the CPU, whose cores the model already uses; min(8, CPU cores / GPUs) on GPUs)")
+    parser.add_argument("--cache", choices=["auto", "on", "off"], default="auto",
+                        help="hold the decoded, resized images in memory after reading them once (default: "
+                        "auto, when both splits take at most a quarter of the available memory; same results)")
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
                         help="mixed precision (default: off, which keeps fp32 results)")
     parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
@@ -408,22 +464,53 @@ def fit(
     if settings.compile:
         train_model = torch.compile(train_model)
 
-    # A private generator keeps the loaders from drawing on the global RNG.
-    loader_options = dict(num_workers=settings.workers, pin_memory=device.type == "cuda",
-                          persistent_workers=settings.workers > 0, collate_fn=collate_batch,
-                          generator=torch.Generator().manual_seed(settings.seed))
     train_sampler = EpochSampler(len(train_set), settings.seed, procs.rank, procs.world_size, shuffle=True)
     val_sampler = EpochSampler(len(val_set), settings.seed, procs.rank, procs.world_size, shuffle=False)
-    train_loader = DataLoader(ReportingFailures(train_set), batch_size=settings.batch_size, sampler=train_sampler,
-                              drop_last=False, **loader_options)
-    val_loader = DataLoader(ReportingFailures(val_set), batch_size=settings.batch_size, sampler=val_sampler,
-                            **loader_options)
+    pin_memory = device.type == "cuda"
+
+    def make_loaders(stop: _StopRequests):
+        """The training and validation batches: cut out of the decoded images in memory
+        when --cache allows (:mod:`data.cache`), else read by DataLoaders."""
+        from data.cache import cacheable, processes_on_node, should_cache, available_memory
+
+        cached = None
+        if settings.cache != "off":
+            probes = [first_sample(train_set), first_sample(val_set)]
+            uniform = all(probe is None or cacheable(probe) for probe in probes)
+            needed = sum(len(data) * probe[0].numel() for data, probe in zip((train_set, val_set), probes)
+                         if probe is not None)
+            chosen = uniform and should_cache(settings.cache, needed, processes_on_node(), available_memory())
+            if settings.cache == "on" and not uniform:
+                say("--cache on: the data set does not yield uint8 images of one size; reading it every epoch")
+            if all_reduce([float(chosen)], op=dist.ReduceOp.MIN)[0]:
+                tick = time.perf_counter()
+                cached = [fill_cache(data, settings.workers, f"  caching {name} images", procs.is_main, stop)
+                          for name, data in (("training", train_set), ("validation", val_set))]
+                if all(cache is not None for cache in cached):
+                    say(f"holding the {len(train_set)} training and {len(val_set)} validation images in memory "
+                        f"({sum(cache.nbytes for cache in cached) / 2**20:.0f} MiB, read in "
+                        f"{time.perf_counter() - tick:.1f} s; --cache off reads the files every epoch)")
+                else:
+                    cached = None
+        if cached is not None:
+            return (CachedLoader(cached[0], train_sampler, settings.batch_size, pin_memory),
+                    CachedLoader(cached[1], val_sampler, settings.batch_size, pin_memory))
+        # A private generator keeps the loaders from drawing on the global RNG.
+        options = dict(batch_size=settings.batch_size, num_workers=settings.workers, pin_memory=pin_memory,
+                       persistent_workers=settings.workers > 0, collate_fn=collate_batch,
+                       generator=torch.Generator().manual_seed(settings.seed))
+        return (DataLoader(ReportingFailures(train_set), sampler=train_sampler, drop_last=False, **options),
+                DataLoader(ReportingFailures(val_set), sampler=val_sampler, **options))
 
     def to_device(images: torch.Tensor, labels: torch.Tensor,
                   augment_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        from data.transforms import normalize_batch
+
         images = images.to(device, non_blocking=True)
         if augment_seed is not None:
             images = augment(images, torch.Generator().manual_seed(augment_seed))
+        elif images.dtype == torch.uint8:  # validation images, resized only
+            images = normalize_batch(images)
         if settings.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels.to(device, non_blocking=True)
@@ -467,6 +554,11 @@ def fit(
 
     stopped_by = 0
     with _StopRequests() as stop:
+        try:
+            train_loader, val_loader = make_loaders(stop)
+        except _Interrupted:
+            say(f"stopped by signal {stop.signum} while reading the images; the run's files are as they were")
+            return FitResult(best_acc, best_epoch, history, stop.signum)
         epochs = tqdm(range(start_epoch, settings.epochs), desc=settings.label, initial=start_epoch,
                       total=settings.epochs, disable=not procs.is_main or None)
         for epoch in epochs:
@@ -574,18 +666,19 @@ def build_train_val(dataset: str, data_dir: str | None, img_size: int | None, co
                     skip_corrupt: bool, seed: int) -> tuple[Dataset, Dataset, int, Callable]:
     """Both splits of ``dataset``, the image size, and the training augmentation.
 
-    Training images are only resized per image (uint8); the seed's augmentation then runs
-    on whole batches on the device (:class:`data.transforms.BatchAugment`). Validation
-    images get the seed's evaluation transform.
+    Images of both splits are only resized per image (uint8); the seed's augmentation then
+    runs on whole training batches on the device (:class:`data.transforms.BatchAugment`), and
+    validation batches are normalised there (:func:`data.transforms.normalize_batch`), the
+    same numbers as the seed's evaluation transform.
     """
-    from data import build_dataset, build_transform, default_img_size
+    from data import build_dataset, default_img_size
     from data.transforms import BatchAugment, build_loading_transform
 
     img_size = default_img_size(dataset) if img_size is None else img_size
     if img_size < 8:
         raise UserError(f"--img_size {img_size}: must be at least 8")
     train = build_dataset(dataset, data_dir, "train", build_loading_transform(img_size), skip_corrupt, seed)
-    val = build_dataset(dataset, data_dir, "val", build_transform(False, img_size), skip_corrupt, seed)
+    val = build_dataset(dataset, data_dir, "val", build_loading_transform(img_size), skip_corrupt, seed)
     if len(train) == 0 or len(val) == 0:
         raise UserError(f"--dataset {dataset}: the {'train' if len(train) == 0 else 'val'} split is empty")
     return train, val, img_size, BatchAugment(img_size, color_jitter)
@@ -606,7 +699,7 @@ def settings_from_args(args, device: torch.device, *, schedule: str, label: str)
         momentum=args.momentum, schedule=schedule, step_size=getattr(args, "lr_step", 40), seed=args.seed,
         workers=args.workers if args.workers is not None else default_workers(device),
         amp=args.amp, channels_last=args.channels_last, compile=args.compile,
-        sync_bn=args.sync_bn, label=label,
+        sync_bn=args.sync_bn, cache=args.cache, label=label,
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     )
 

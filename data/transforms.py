@@ -36,6 +36,16 @@ def build_transform(train: bool, img_size: int, color_jitter: bool = False) -> t
     return transforms.Compose(steps)
 
 
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images ``[..., 3, H, W]`` -> float, scaled to [0, 1] and normalised with the seed's
+    constants, on the images' device: the last steps of the evaluation transform, for a whole
+    batch at once (the same operations as ``build_transform(False, ...)`` applies per image,
+    so the same numbers)."""
+    from torchvision.transforms.v2 import functional as F
+
+    return F.normalize(F.to_dtype(images, torch.float32, scale=True), list(NORMALIZE_MEAN), list(NORMALIZE_STD))
+
+
 # ------------------------------------------------------------- batched augmentation
 
 # RandomResizedCrop's defaults: the crop covers 8-100 % of the image, aspect ratio 3/4-4/3.
