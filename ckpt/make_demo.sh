@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the demo checkpoints in ckpt/ (about 10 minutes on a 2-core CPU):
+# Regenerates the demo checkpoints in ckpt/ (about 6 minutes on a 2-core CPU):
 # a CIFAR-style ResNet-20 pre-trained on the synthetic source task, then fine-tuned on two
 # synthetic target tasks that differ only in their domain gap (0.0 and 1.0).
 set -euo pipefail
