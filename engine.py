@@ -422,6 +422,8 @@ def fit(
     Raises :class:`UserError` when the loss becomes NaN/Inf (the files of the last good epoch
     are left as they were).
     """
+    from data.transforms import normalize_batch
+
     best_path, last_path, log_path = run_files(best_path)
     say = announce or (lambda text: print(text, flush=True))
     say = say if procs.is_main else (lambda text: None)
@@ -471,7 +473,7 @@ def fit(
     def make_loaders(stop: _StopRequests):
         """The training and validation batches: cut out of the decoded images in memory
         when --cache allows (:mod:`data.cache`), else read by DataLoaders."""
-        from data.cache import cacheable, processes_on_node, should_cache, available_memory
+        from data.cache import available_memory, cacheable, processes_on_node, should_cache
 
         cached = None
         if settings.cache != "off":
@@ -504,8 +506,6 @@ def fit(
 
     def to_device(images: torch.Tensor, labels: torch.Tensor,
                   augment_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        from data.transforms import normalize_batch
-
         images = images.to(device, non_blocking=True)
         if augment_seed is not None:
             images = augment(images, torch.Generator().manual_seed(augment_seed))
