@@ -440,26 +440,26 @@ def script_runs(tmp_path_factory, build_tiny_trio) -> dict[str, ScriptRun]:
     return runs
 
 
-def test_script_missing_finetuned_file(script_runs):
-    run = script_runs["missing"]
-    proc, missing = run.proc, run.paths["missing"]
+def refusal(run: ScriptRun, culprit: str) -> str:
+    """The script's last stderr line, checked to be a one-line error naming ``run.paths[culprit]``
+    (exit 2, no traceback, no output file touched)."""
+    proc = run.proc
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     last = proc.stderr.splitlines()[-1]
-    assert last.startswith(f"{PROG}: error: {missing}")
-    assert proc.stdout == ""
+    assert last.startswith(f"{PROG}: error: {run.paths[culprit]}")
     run.paths["outputs"].assert_untouched()
+    return last
+
+
+def test_script_missing_finetuned_file(script_runs):
+    refusal(script_runs["missing"], "missing")
+    assert script_runs["missing"].proc.stdout == ""
 
 
 def test_script_refuses_malicious_pickle(script_runs):
-    run = script_runs["evil"]
-    proc, evil = run.proc, run.paths["evil"]
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.splitlines()[-1]
-    assert last.startswith(f"{PROG}: error: {evil}") and "unsafe unpickling" in last
-    assert not run.paths["marker"].exists()
-    run.paths["outputs"].assert_untouched()
+    assert "unsafe unpickling" in refusal(script_runs["evil"], "evil")
+    assert not script_runs["evil"].paths["marker"].exists()
 
 
 def test_script_prints_warnings_on_stderr(script_runs):
