@@ -10,16 +10,16 @@ from torchvision.transforms import v2 as transforms
 # The seed's normalisation constants (not ImageNet's per-channel statistics).
 NORMALIZE_MEAN = (0.5, 0.5, 0.5)
 NORMALIZE_STD = (0.225, 0.225, 0.225)
-# Brightness, contrast and saturation factors of the optional colour jitter.
-COLOR_JITTER_STRENGTH = 0.4
 
 
-def build_transform(train: bool, img_size: int, color_jitter: bool = False) -> transforms.Compose:
+def build_transform(train: bool, img_size: int, color_jitter: float = 0.0) -> transforms.Compose:
     """PIL image or uint8 image tensor -> normalised ``3 x img_size x img_size`` float tensor.
 
-    train: Resize((s, s)), RandomResizedCrop(s), RandomHorizontalFlip, [ColorJitter(0.4, 0.4,
-    0.4) when ``color_jitter``], to float in [0, 1], Normalize. val: Resize((s, s)), to float, Normalize.
-    (torchvision's v2 transforms: the same operations on PIL images and on tensors.)
+    train: Resize((s, s)), RandomResizedCrop(s), RandomHorizontalFlip, [ColorJitter(j, j, j)
+    when ``color_jitter`` j > 0], to float in [0, 1], Normalize. val: Resize((s, s)), to float,
+    Normalize. (torchvision's v2 transforms: the same operations on PIL images and on tensors.)
+    The seed's pre-training writes ``ColorJitter()`` with no arguments, which changes nothing:
+    the default here is no jitter.
     """
     if img_size < 1:
         raise ValueError(f"img_size must be positive, got {img_size}")
@@ -27,7 +27,7 @@ def build_transform(train: bool, img_size: int, color_jitter: bool = False) -> t
     if train:
         steps += [transforms.RandomResizedCrop(img_size), transforms.RandomHorizontalFlip()]
         if color_jitter:
-            s = COLOR_JITTER_STRENGTH
+            s = float(color_jitter)
             steps.append(transforms.ColorJitter(brightness=s, contrast=s, saturation=s))
     # ToPureTensor: a plain tensor, not a tv_tensors.Image, whose __torch_function__ would
     # slow down collation and every operation of the model on the batch.
@@ -93,36 +93,73 @@ def crop_boxes(count: int, height: int, width: int, generator: torch.Generator,
     return torch.stack([left, top, left + w, top + h], dim=1)
 
 
+def _resample_weights(starts: torch.Tensor, lengths: torch.Tensor, full: int, size: int) -> torch.Tensor:
+    """``[count, size, full]`` weights that resample the segment ``[start, start + length)`` of
+    an axis of ``full`` pixels to ``size`` pixels, one row per output pixel, as torchvision's
+    bilinear resize with ``antialias=True`` does (PyTorch's ``_upsample_bilinear2d_aa``): a
+    triangle filter centred on the output pixel's source position, widened by the scale when
+    shrinking, cut to the segment and normalised to sum 1. When enlarging this is plain
+    bilinear interpolation (``align_corners=False``) with positions clamped to the segment.
+    Pixels outside the segment get weight 0, so the crop never reads past its own edge."""
+    starts = starts.to(torch.float64)[:, None, None]
+    lengths = lengths.to(torch.float64)[:, None, None]
+    scale = lengths / size
+    support = torch.clamp(scale, min=1.0)  # the filter's half-width in input pixels
+    centre = scale * (torch.arange(size, dtype=torch.float64)[None, :, None] + 0.5)  # in the segment
+    local = torch.arange(full, dtype=torch.float64)[None, None, :] - starts  # input pixel in the segment
+    # PyTorch takes the taps [trunc(centre - support + 0.5), trunc(centre + support + 0.5)) cut to the segment
+    low = torch.clamp(torch.trunc(centre - support + 0.5), min=0.0)
+    high = torch.minimum(torch.trunc(centre + support + 0.5), lengths)
+    weights = torch.clamp(1.0 - torch.abs((local - centre + 0.5) / support), min=0.0)
+    weights = torch.where((local >= low) & (local < high), weights, torch.zeros_like(weights))
+    return weights / weights.sum(dim=2, keepdim=True)
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop ``boxes[i] = (x1, y1, x2, y2)`` (whole pixels) out of ``images[i]`` and resize each
+    crop to ``size x size``: the numbers of torchvision's ``F.resized_crop(image, y1, x1,
+    y2 - y1, x2 - x1, [size, size], antialias=True)`` on float images, for a whole batch at
+    once on the images' device (two batched matrix products with per-image resampling
+    weights, :func:`_resample_weights`). ``images`` ``[B, C, H, W]`` float; returns float32."""
+    count, _, height, width = images.shape
+    boxes = boxes.to(torch.float64).cpu()
+    rows = _resample_weights(boxes[:, 1], boxes[:, 3] - boxes[:, 1], height, size)
+    cols = _resample_weights(boxes[:, 0], boxes[:, 2] - boxes[:, 0], width, size)
+    rows = rows.to(images.device, torch.float32)
+    cols = cols.to(images.device, torch.float32)
+    # out[b, c, i, j] = sum_{y, x} rows[b, i, y] images[b, c, y, x] cols[b, j, x]
+    out = torch.matmul(rows[:, None], images.float())
+    return torch.matmul(out, cols[:, None].transpose(-1, -2))
+
+
 class BatchAugment:
     """The seed's training augmentation applied to a whole batch at once, on its device.
 
     uint8 images ``[B, 3, H, W]`` -> normalised float ``[B, 3, size, size]``: a random
-    resized crop per image (boxes from :func:`crop_boxes`; the crop is resampled bilinearly,
-    averaging over each output pixel's footprint, by ``torchvision.ops.roi_align``), a
-    horizontal flip with probability 0.5, optionally colour jitter (brightness, contrast and
-    saturation factors in [0.6, 1.4], applied in that order), then the seed's normalisation.
-    All random numbers come from ``generator`` (a CPU generator), so a batch's augmentation is
-    fixed by the generator's seed.
+    resized crop per image (boxes from :func:`crop_boxes`, resampled as torchvision's
+    tensor ``resized_crop`` does, :func:`resized_crops`), a horizontal flip with probability
+    0.5, optionally colour jitter (brightness, contrast and saturation factors drawn
+    uniformly from ``[1 - jitter, 1 + jitter]``, applied in that order; the seed's
+    ``ColorJitter()`` has no arguments and is the identity, so the default is 0: none),
+    then the seed's normalisation. All random numbers come from ``generator`` (a CPU
+    generator), so a batch's augmentation is fixed by the generator's seed.
     """
 
-    def __init__(self, size: int, color_jitter: bool = False, scale: tuple[float, float] = CROP_SCALE,
+    def __init__(self, size: int, color_jitter: float = 0.0, scale: tuple[float, float] = CROP_SCALE,
                  ratio: tuple[float, float] = CROP_RATIO) -> None:
-        self.size, self.color_jitter, self.scale, self.ratio = size, color_jitter, scale, ratio
+        if not 0.0 <= float(color_jitter) <= 1.0:
+            raise ValueError(f"color_jitter must be in [0, 1], got {color_jitter}")
+        self.size, self.color_jitter, self.scale, self.ratio = size, float(color_jitter), scale, ratio
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        from torchvision.ops import roi_align
-
         count, _, height, width = images.shape
         boxes = crop_boxes(count, height, width, generator, self.scale, self.ratio)
         flips = torch.rand(count, generator=generator) < 0.5
         if self.color_jitter:
-            s = COLOR_JITTER_STRENGTH
+            s = self.color_jitter
             factors = torch.empty(count, 3).uniform_(1 - s, 1 + s, generator=generator)
         device = images.device
-        indexed = torch.cat([torch.arange(count, dtype=boxes.dtype)[:, None], boxes], dim=1).to(device)
-        pixels = images.float().div_(255)
-        out = roi_align(pixels, indexed, output_size=(self.size, self.size), spatial_scale=1.0,
-                        sampling_ratio=-1, aligned=True)
+        out = resized_crops(images.float().div_(255), boxes, self.size)
         out = torch.where(flips.to(device)[:, None, None, None], out.flip(-1), out)
         if self.color_jitter:
             out = _jitter(out, factors.to(device))
