@@ -8,7 +8,10 @@ channels-last, ``torch.compile``, and exact resumption.
 Exact resumption. Per image, data loading only decodes and resizes (no randomness); each
 batch's augmentation runs in the training process, drawn from a generator seeded by
 (seed, epoch, step), and the sample order of an epoch by (seed, epoch), so neither depends
-on the number of workers or on where a run was stopped. A checkpoint holds
+on the number of workers or on where a run was stopped. With ``--augment pil`` the seed's
+per-image transforms run while loading instead, each sample's with torch's RNG seeded by
+(seed, epoch, the sample's position in the epoch) (:class:`SeededSamples`): the same
+independence. A checkpoint holds
 everything else (weights, optimizer, scheduler, scaler, RNG states, the position inside the
 epoch, the history). A run resumed from any checkpoint therefore ends with the same weights,
 bit for bit on the CPU, as a run that was never stopped.
@@ -105,10 +108,17 @@ class EpochSampler(Sampler):
     samples of this rank's share (resuming inside an epoch). Without shuffling (validation)
     the shares are ``index % world_size == rank`` with no padding, so every sample is
     counted exactly once.
+
+    With ``sample_seeds`` it yields ``(index, seed)`` pairs for :class:`SeededSamples`: the
+    seed is :func:`step_seed` of (seed, epoch, the sample's position in the whole epoch's
+    order, across all ranks), so it does not depend on the number of processes or workers,
+    nor on ``skip``.
     """
 
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 sample_seeds: bool = False) -> None:
         self.size, self.seed, self.rank, self.world_size, self.shuffle = size, seed, rank, world_size, shuffle
+        self.sample_seeds = sample_seeds
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -123,11 +133,42 @@ class EpochSampler(Sampler):
         order += order[: per_rank * self.world_size - self.size]
         return order[self.rank :: self.world_size]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.skip :])
+    def __iter__(self) -> Iterator:
+        indices = self._indices()
+        if not self.sample_seeds:
+            return iter(indices[self.skip :])
+        # this rank's i-th sample is at position rank + i * world_size of the epoch's order
+        return ((index, step_seed(self.seed, self.epoch, self.rank + position * self.world_size))
+                for position, index in enumerate(indices) if position >= self.skip)
 
     def __len__(self) -> int:
         return len(self._indices()) - self.skip
+
+
+class SeededSamples(Dataset):
+    """A data set whose transform draws on torch's global RNG (torchvision's per-image random
+    transforms, ``--augment pil``), made reproducible: its items are addressed as ``(index,
+    seed)``, as :class:`EpochSampler` yields them with ``sample_seeds``, and item ``(index,
+    seed)`` is ``dataset[index]`` computed with torch's CPU generator seeded by ``seed``. The
+    generator's state is restored afterwards, so a sample's augmentation depends on its seed
+    only: not on the worker process that loads it nor on what was loaded before, and loading
+    in the training process (``--workers 0``) leaves its random numbers untouched.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.classes = getattr(dataset, "classes", None)
+        self.targets = getattr(dataset, "targets", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        # only the CPU generator: torch.manual_seed would also reseed (and not restore) CUDA's
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self.dataset[index]
 
 
 @dataclass(frozen=True)
@@ -265,13 +306,26 @@ def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     parser.add_argument("--weight_decay", type=float, default=1e-4, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentation")
+    parser.add_argument("--color_jitter", type=float, default=0.0, metavar="S",
+                        help="colour jitter of strength S in [0, 1]: brightness, contrast and saturation "
+                        "factors drawn from [1-S, 1+S] (default: 0, none, as the seed's argument-less "
+                        "ColorJitter(), which is the identity)")
+    parser.add_argument("--augment", choices=["batch", "pil"], default="batch",
+                        help="where the training augmentation runs: batch (default) resizes each image once "
+                        "and crops, flips (and jitters) whole batches on the training device; pil runs the "
+                        "seed's per-image torchvision pipeline while loading (Resize, RandomResizedCrop, "
+                        "RandomHorizontalFlip, [ColorJitter], ToTensor, Normalize) on the PIL image, or on "
+                        "the uint8 tensor the synthetic data set gives; the same distributions, and the "
+                        "seed's uint8 rounding of each crop. pil reads every training image at every "
+                        "epoch: --cache on is refused and auto caches the validation images only")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--workers", type=int,
                         help="data-loading processes per training process (default: 0 when training on "
                         "the CPU, whose cores the model already uses; min(8, CPU cores / GPUs) on GPUs)")
     parser.add_argument("--cache", choices=["auto", "on", "off"], default="auto",
                         help="hold the decoded, resized images in memory after reading them once (default: "
-                        "auto, when both splits take at most a quarter of the available memory; same results)")
+                        "auto, when both splits take at most a quarter of the available memory; same results; "
+                        "with --augment pil only the validation images)")
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
                         help="mixed precision (default: off, which keeps fp32 results)")
     parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
@@ -418,7 +472,9 @@ def fit(
 
     ``resume`` is a checkpoint from :func:`load_checkpoint`. ``augment`` (e.g.
     :class:`data.transforms.BatchAugment`) turns each training batch, on the device, into the
-    model's input, with random numbers from a generator seeded by (seed, epoch, step).
+    model's input, with random numbers from a generator seeded by (seed, epoch, step). A
+    ``train_set`` wrapped in :class:`SeededSamples` augments each sample while loading
+    instead (``--augment pil``; then ``augment`` is None), seeded by the sample's position.
     Raises :class:`UserError` when the loss becomes NaN/Inf (the files of the last good epoch
     are left as they were).
     """
@@ -466,43 +522,53 @@ def fit(
     if settings.compile:
         train_model = torch.compile(train_model)
 
-    train_sampler = EpochSampler(len(train_set), settings.seed, procs.rank, procs.world_size, shuffle=True)
+    # --augment pil: the training set augments per sample, seeded by the sample's position
+    per_sample = isinstance(train_set, SeededSamples)
+    train_sampler = EpochSampler(len(train_set), settings.seed, procs.rank, procs.world_size, shuffle=True,
+                                 sample_seeds=per_sample)
     val_sampler = EpochSampler(len(val_set), settings.seed, procs.rank, procs.world_size, shuffle=False)
     pin_memory = device.type == "cuda"
 
     def make_loaders(stop: _StopRequests):
         """The training and validation batches: cut out of the decoded images in memory
-        when --cache allows (:mod:`data.cache`), else read by DataLoaders."""
+        when --cache allows (:mod:`data.cache`), else read by DataLoaders. A training set
+        augmented per sample (--augment pil) is never cached: its images differ at every step."""
         from data.cache import available_memory, cacheable, processes_on_node, should_cache
 
-        cached = None
+        splits = {"validation": val_set} if per_sample else {"training": train_set, "validation": val_set}
+        cached = {}
         if settings.cache != "off":
-            probes = [first_sample(train_set), first_sample(val_set)]
+            probes = [first_sample(data) for data in splits.values()]
             uniform = all(probe is None or cacheable(probe) for probe in probes)
-            needed = sum(len(data) * probe[0].numel() for data, probe in zip((train_set, val_set), probes)
+            needed = sum(len(data) * probe[0].numel() for data, probe in zip(splits.values(), probes)
                          if probe is not None)
             chosen = uniform and should_cache(settings.cache, needed, processes_on_node(), available_memory())
             if settings.cache == "on" and not uniform:
                 say("--cache on: the data set does not yield uint8 images of one size; reading it every epoch")
             if all_reduce([float(chosen)], op=dist.ReduceOp.MIN)[0]:
                 tick = time.perf_counter()
-                cached = [fill_cache(data, settings.workers, f"  caching {name} images", procs.is_main, stop)
-                          for name, data in (("training", train_set), ("validation", val_set))]
-                if all(cache is not None for cache in cached):
-                    say(f"holding the {len(train_set)} training and {len(val_set)} validation images in memory "
-                        f"({sum(cache.nbytes for cache in cached) / 2**20:.0f} MiB, read in "
-                        f"{time.perf_counter() - tick:.1f} s; --cache off reads the files every epoch)")
-                else:
-                    cached = None
-        if cached is not None:
-            return (CachedLoader(cached[0], train_sampler, settings.batch_size, pin_memory),
-                    CachedLoader(cached[1], val_sampler, settings.batch_size, pin_memory))
+                caches = [fill_cache(data, settings.workers, f"  caching {name} images", procs.is_main, stop)
+                          for name, data in splits.items()]
+                if all(cache is not None for cache in caches):
+                    cached = dict(zip(splits, caches))
+                    held = " and ".join(f"{len(data)} {name}" for name, data in splits.items())
+                    say(f"holding the {held} images in memory ({sum(c.nbytes for c in caches) / 2**20:.0f} MiB, "
+                        f"read in {time.perf_counter() - tick:.1f} s; --cache off reads the files every epoch"
+                        + ("; --augment pil reads and augments the training images at every step)" if per_sample
+                           else ")"))
         # A private generator keeps the loaders from drawing on the global RNG.
         options = dict(batch_size=settings.batch_size, num_workers=settings.workers, pin_memory=pin_memory,
                        persistent_workers=settings.workers > 0, collate_fn=collate_batch,
                        generator=torch.Generator().manual_seed(settings.seed))
-        return (DataLoader(ReportingFailures(train_set), sampler=train_sampler, drop_last=False, **options),
-                DataLoader(ReportingFailures(val_set), sampler=val_sampler, **options))
+        if "training" in cached:
+            train_loader = CachedLoader(cached["training"], train_sampler, settings.batch_size, pin_memory)
+        else:
+            train_loader = DataLoader(ReportingFailures(train_set), sampler=train_sampler, drop_last=False, **options)
+        if "validation" in cached:
+            val_loader = CachedLoader(cached["validation"], val_sampler, settings.batch_size, pin_memory)
+        else:
+            val_loader = DataLoader(ReportingFailures(val_set), sampler=val_sampler, **options)
+        return train_loader, val_loader
 
     def to_device(images: torch.Tensor, labels: torch.Tensor,
                   augment_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -662,34 +728,59 @@ def load_backbone(model: nn.Module, state_dict: Mapping[str, torch.Tensor], head
 # ------------------------------------------------------------------- script plumbing
 
 
-def build_train_val(dataset: str, data_dir: str | None, img_size: int | None, color_jitter: bool,
-                    skip_corrupt: bool, seed: int) -> tuple[Dataset, Dataset, int, Callable]:
+AUGMENT_MODES = ("batch", "pil")
+
+
+def build_train_val(dataset: str, data_dir: str | None, img_size: int | None, color_jitter: float,
+                    skip_corrupt: bool, seed: int,
+                    augment: str = "batch") -> tuple[Dataset, Dataset, int, Callable | None]:
     """Both splits of ``dataset``, the image size, and the training augmentation.
 
-    Images of both splits are only resized per image (uint8); the seed's augmentation then
-    runs on whole training batches on the device (:class:`data.transforms.BatchAugment`), and
-    validation batches are normalised there (:func:`data.transforms.normalize_batch`), the
-    same numbers as the seed's evaluation transform.
+    ``augment="batch"``: images of both splits are only resized per image (uint8); the
+    seed's augmentation then runs on whole training batches on the device
+    (:class:`data.transforms.BatchAugment`, returned). ``augment="pil"``: the training split
+    runs the seed's per-image pipeline (:func:`data.transforms.build_transform` with
+    ``train=True``) on each image as the data set gives it (a PIL image; the synthetic data
+    set's uint8 tensor), wrapped in :class:`SeededSamples`; no batch augmentation (None is
+    returned). Either way validation batches are normalised on the device
+    (:func:`data.transforms.normalize_batch`), the same numbers as the seed's evaluation
+    transform.
     """
     from data import build_dataset, default_img_size
-    from data.transforms import BatchAugment, build_loading_transform
+    from data.transforms import BatchAugment, build_loading_transform, build_transform
 
     img_size = default_img_size(dataset) if img_size is None else img_size
     if img_size < 8:
         raise UserError(f"--img_size {img_size}: must be at least 8")
-    train = build_dataset(dataset, data_dir, "train", build_loading_transform(img_size), skip_corrupt, seed)
+    if not 0.0 <= color_jitter <= 1.0:
+        raise UserError(f"--color_jitter {color_jitter}: must be between 0 (none, the default) and 1")
+    if augment not in AUGMENT_MODES:
+        raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {augment!r}")
+    per_image = augment == "pil"
+    train_transform = build_transform(True, img_size, color_jitter) if per_image else build_loading_transform(img_size)
+    train = build_dataset(dataset, data_dir, "train", train_transform, skip_corrupt, seed)
     val = build_dataset(dataset, data_dir, "val", build_loading_transform(img_size), skip_corrupt, seed)
     if len(train) == 0 or len(val) == 0:
         raise UserError(f"--dataset {dataset}: the {'train' if len(train) == 0 else 'val'} split is empty")
+    if per_image:
+        return SeededSamples(train), val, img_size, None
     return train, val, img_size, BatchAugment(img_size, color_jitter)
 
 
-def check_resume(checkpoint: Mapping, args, keys: Sequence[str]) -> None:
-    """A resume checkpoint must come from a run of the same architecture and dataset."""
+# What a resumed run must share with the run that wrote its checkpoint.
+RESUME_KEYS = ("arch", "dataset", "augment", "color_jitter")
+
+
+def check_resume(checkpoint: Mapping, args, keys: Sequence[str] = RESUME_KEYS) -> None:
+    """A resume checkpoint must come from a run of the same architecture, dataset and
+    training augmentation (``--augment``, ``--color_jitter``)."""
     saved = checkpoint.get("args", {})
     for key in keys:
-        if saved.get(key) != getattr(args, key):
-            raise UserError(f"--resume {args.resume}: was written by a run with --{key} {saved.get(key)}, "
+        if key not in saved:
+            raise UserError(f"--resume {args.resume}: was written by an older version that did not record "
+                            f"--{key}; start a new run")
+        if saved[key] != getattr(args, key):
+            raise UserError(f"--resume {args.resume}: was written by a run with --{key} {saved[key]}, "
                             f"not {getattr(args, key)}; resume with the same --{key} or start a new run")
 
 
@@ -704,8 +795,8 @@ def settings_from_args(args, device: torch.device, *, schedule: str, label: str)
     )
 
 
-def run_training(args, *, best_path: str, outputs: Mapping[Path, str], color_jitter: bool, schedule: str,
-                 label: str, init_model: Callable[[nn.Module, bool, bool], None]) -> int:
+def run_training(args, *, best_path: str, outputs: Mapping[Path, str], schedule: str, label: str,
+                 init_model: Callable[[nn.Module, bool, bool], None]) -> int:
     """What both scripts do around :func:`fit`; returns the exit status.
 
     ``outputs`` maps every file the run writes to the flag that names it.
@@ -716,13 +807,18 @@ def run_training(args, *, best_path: str, outputs: Mapping[Path, str], color_jit
 
     procs = init_processes(args.device)
     try:
+        if args.augment == "pil" and args.cache == "on":
+            raise UserError("--cache on: --augment pil reads and augments every training image at every "
+                            "step, so the training images are never held in memory; use --cache auto (which "
+                            "holds the validation images when they fit) or off, or --augment batch")
         check_outputs(outputs, args.overwrite, args.resume is not None)
         resume = None
         if args.resume:
             resume = load_checkpoint(args.resume)
-            check_resume(resume, args, ("arch", "dataset"))
+            check_resume(resume, args)
         train, val, args.img_size, augment = build_train_val(
-            args.dataset, args.data_dir, args.img_size, color_jitter, args.skip_corrupt, args.seed)
+            args.dataset, args.data_dir, args.img_size, args.color_jitter, args.skip_corrupt, args.seed,
+            args.augment)
         seed_everything(args.seed)
         model = build_model(args.arch, num_classes=len(train.classes))
         if procs.distributed:

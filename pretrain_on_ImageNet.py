@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     return engine.run_training(
         args, best_path=args.pretrained, outputs={Path(args.random_init): "-r", best: "-a", last: "-a", log: "-a"},
-        color_jitter=True, schedule="step", label="pre-train", init_model=save_initialisation)
+        schedule="step", label="pre-train", init_model=save_initialisation)
 
 
 if __name__ == "__main__":

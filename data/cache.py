@@ -6,6 +6,8 @@ same every epoch: a ``uint8`` tensor ``[3, s, s]``. :class:`ImageCache` keeps al
 one tensor and cuts batches out of it by index, which costs microseconds per batch instead
 of decoding, resizing and collating every image again. The batches are the very tensors the
 data loader would have built, so training gives the same numbers with or without the cache.
+With ``--augment pil`` each training image is augmented as it is read (the seed's per-image
+pipeline), different at every step, so only the validation images are cached.
 
 ``--cache auto`` (the default) caches when the decoded images of both splits take at most a
 quarter of the memory that is available, shared among the processes on the node.

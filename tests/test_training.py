@@ -120,6 +120,30 @@ def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
     assert list(engine.EpochSampler(50, seed=2)) != list(engine.EpochSampler(50, seed=1))
 
 
+def test_sample_seeds_follow_the_global_position_in_the_epoch():
+    """--augment pil: each sample's seed is fixed by (seed, epoch, position in the epoch's
+    order), whichever rank draws it and wherever a resumed epoch starts."""
+    single = engine.EpochSampler(10, seed=4, sample_seeds=True)
+    single.set_epoch(3)
+    pairs = list(single)
+    plain = engine.EpochSampler(10, seed=4)
+    plain.set_epoch(3)
+    assert [index for index, _ in pairs] == list(plain)
+    assert [seed for _, seed in pairs] == [engine.step_seed(4, 3, position) for position in range(10)]
+    ranks = [engine.EpochSampler(10, seed=4, rank=r, world_size=2, sample_seeds=True) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(3)
+    assert [pair for both in zip(*ranks) for pair in both] == pairs  # interleaved: the same (index, seed)s
+    ranks[1].set_epoch(3, skip=2)
+    assert list(ranks[1]) == pairs[5::2] and len(ranks[1]) == 3
+    three = [engine.EpochSampler(10, seed=4, rank=r, world_size=3, sample_seeds=True) for r in range(3)]
+    for sampler in three:
+        sampler.set_epoch(3)
+    padded = [pair for shares in zip(*three) for pair in shares]  # 12: two samples drawn twice
+    assert padded[:10] == pairs and [i for i, _ in padded[10:]] == [i for i, _ in pairs[:2]]
+    assert len({seed for _, seed in padded}) == 12  # ... augmented differently
+
+
 def test_step_seeds_differ_by_run_epoch_and_step():
     seeds = {engine.step_seed(s, e, t) for s in range(3) for e in range(3) for t in range(50)}
     assert len(seeds) == 450 and all(0 <= seed < 2**63 for seed in seeds)
@@ -191,6 +215,107 @@ def test_stopped_and_resumed_run_ends_bit_identical(pretrained, uninterrupted, t
     assert_same_weights(load_state_dict_safely(b), best)
     log = [json.loads(line)["epoch"] for line in (tmp_path / "b.log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4, 5, 6]
+
+
+# --------------------------------------------------------- --augment pil: per-image transforms
+
+
+PIL_TARGET = "synthetic:classes=4,n=10,n_val=2,size=16,gap=0.5"
+
+
+def pil_batches(workers: int, epoch: int = 1, skip: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    train, _, _, augment = engine.build_train_val(PIL_TARGET, None, None, 0.0, False, 0, "pil")
+    assert augment is None and isinstance(train, engine.SeededSamples)
+    sampler = engine.EpochSampler(len(train), seed=5, sample_seeds=True)
+    sampler.set_epoch(epoch, skip)
+    loader = torch.utils.data.DataLoader(engine.ReportingFailures(train), batch_size=8, sampler=sampler,
+                                         num_workers=workers, collate_fn=engine.collate_batch,
+                                         generator=torch.Generator().manual_seed(0))  # as fit's loaders
+    return [(images, labels) for images, labels, _ in map(engine.unpack_batch, loader)]
+
+
+def test_pil_augmentation_gives_the_same_batches_with_any_number_of_workers():
+    before = torch.get_rng_state()
+    in_process = pil_batches(workers=0)
+    assert torch.equal(torch.get_rng_state(), before)  # the training process's RNG is left alone
+    in_workers = pil_batches(workers=2)
+    assert len(in_process) == len(in_workers) == 5
+    for (images, labels), (other_images, other_labels) in zip(in_process, in_workers):
+        assert images.dtype == torch.float32 and images.shape[1:] == (3, 16, 16)
+        assert torch.equal(images, other_images) and torch.equal(labels, other_labels)
+    # resuming inside the epoch: the remaining samples are augmented as before
+    resumed = pil_batches(workers=2, skip=16)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(in_process[2:], resumed))
+    # another epoch draws other crops
+    assert not torch.equal(torch.cat([images for images, _ in pil_batches(workers=0, epoch=2)]).sort(0)[0],
+                           torch.cat([images for images, _ in in_process]).sort(0)[0])
+
+
+def test_pil_augmentation_is_the_seeds_per_image_pipeline():
+    """A sample is build_transform(True, s) of the data set's image with torch's RNG seeded by
+    the sample's seed; not the batch augmentation, and not the evaluation transform."""
+    from data import build_dataset
+    from data.transforms import build_transform
+
+    train, _, _, _ = engine.build_train_val(PIL_TARGET, None, None, 0.0, False, 0, "pil")
+    raw = build_dataset(PIL_TARGET, None, "train")
+    image, label = train[(3, 1234)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        expected = build_transform(True, 16)(raw[3][0])
+    assert torch.equal(image, expected) and label == raw[3][1]
+    assert torch.equal(train[(3, 1234)][0], image) and not torch.equal(train[(3, 1235)][0], image)
+
+
+def test_pil_augmentation_runs_are_bit_identical_and_cache_only_validation(pretrained, tmp_path, capsys):
+    _, a = pretrained
+    argv = ["--dataset", PIL_TARGET, "--arch", "resnet20", "--batch_size", "8", "--device", "cpu",
+            "--max_epoch", "2", "-a", str(a), "--augment", "pil"]
+    assert run_cli(finetune.main, argv + ["--workers", "0", "-b", str(tmp_path / "b.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "holding the 8 validation images in memory" in out and "--augment pil" in out
+    assert run_cli(finetune.main, argv + ["--workers", "0", "-b", str(tmp_path / "c.pth")]) == 0
+    assert run_cli(finetune.main, argv + ["--workers", "2", "--cache", "off", "-b", str(tmp_path / "d.pth")]) == 0
+    first = load_state_dict_safely(tmp_path / "b.last.pth")
+    assert_same_weights(load_state_dict_safely(tmp_path / "c.last.pth"), first)
+    assert_same_weights(load_state_dict_safely(tmp_path / "d.last.pth"), first)
+    checkpoint = torch.load(tmp_path / "b.last.pth", weights_only=True)
+    assert checkpoint["args"]["augment"] == "pil" and checkpoint["args"]["color_jitter"] == 0.0
+    # the batch augmentation is another random stream: other weights
+    assert run_cli(finetune.main, argv[:-2] + ["--workers", "0", "-b", str(tmp_path / "e.pth")]) == 0
+    assert not torch.equal(load_state_dict_safely(tmp_path / "e.last.pth")["fc.weight"], first["fc.weight"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_pil(pretrained, tmp_path_factory):
+    _, a = pretrained
+    b = tmp_path_factory.mktemp("uninterrupted_pil") / "b.pth"
+    process = run_script(*resume_argv(a, b), "--augment", "pil")
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    return load_state_dict_safely(b.with_name("b.last.pth")), load_state_dict_safely(b)
+
+
+def test_stopped_and_resumed_pil_run_ends_bit_identical(pretrained, uninterrupted_pil, tmp_path):
+    """SIGTERM stops inside an epoch: the resumed run must seed the rest of the epoch's
+    samples by their positions, in its 2 new worker processes."""
+    _, a = pretrained
+    b = tmp_path / "b.pth"
+    process = run_script(*resume_argv(a, b), "--augment", "pil")
+    wait_for(tmp_path / "b.log.jsonl")
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.6))
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the run finished before the signal arrived (a very fast machine)")
+    assert process.returncode == 128 + signal.SIGTERM, err
+    resumed = run_script(*resume_argv(a, b), "--augment", "pil", "--resume", str(tmp_path / "b.last.pth"))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed at epoch" in out
+    last, best = uninterrupted_pil
+    assert_same_weights(load_state_dict_safely(tmp_path / "b.last.pth"), last)
+    assert_same_weights(load_state_dict_safely(b), best)
 
 
 # ------------------------------------------------------------------------ torchrun
@@ -321,6 +446,17 @@ def test_resume_from_another_architecture_or_dataset(capsys, tmp_path, pretraine
     other_arch[other_arch.index("resnet20")] = "resnet32"
     expect_error(capsys, finetune.main, other_arch, "--arch")
     expect_error(capsys, finetune.main, finetune_argv(a, b, "--resume", str(a), epochs=2), str(a))
+    # another training augmentation
+    expect_error(capsys, finetune.main, finetune_argv(a, b, "--resume", last, "--augment", "pil", epochs=2),
+                 "--augment batch", "not pil")
+    expect_error(capsys, finetune.main, finetune_argv(a, b, "--resume", last, "--color_jitter", "0.4", epochs=2),
+                 "--color_jitter 0.0", "not 0.4")
+    # a checkpoint of an older version, which did not record them
+    old = torch.load(last, weights_only=True)
+    del old["args"]["augment"], old["args"]["color_jitter"]
+    torch.save(old, tmp_path / "old.last.pth")
+    expect_error(capsys, finetune.main, finetune_argv(a, b, "--resume", str(tmp_path / "old.last.pth"), epochs=2),
+                 "older version", "--augment")
 
 
 def test_diverging_loss_stops_and_keeps_the_files(capsys, tmp_path, pretrained):
