@@ -3,7 +3,8 @@
     python finetune.py --dataset CIFAR-10 --data_dir /data -a ImageNet_model.pth -b cifar10_model.pth
     python finetune.py --dataset synthetic:classes=10,n=100,gap=0.5 -a ckpt/demo_pretrained.pth -b out.pth
 
-The classifier head is replaced by a new one for the dataset's classes. ``-b`` receives the
+The classifier head is replaced by a new ``nn.Linear`` for the dataset's classes, in
+PyTorch's default initialisation, for every architecture (as the seed does for ResNet-50). ``-b`` receives the
 best-validation weights (a plain state dict); the last epoch's weights are in the run's
 ``.last.pth`` checkpoint. ``--from_scratch R.pth`` starts from theta_r instead of theta_A,
 the baseline the paper's intuition compares against.
@@ -14,7 +15,7 @@ import argparse
 import sys
 
 import engine
-from models import ARCHITECTURES, check_architecture, infer_arch
+from models import ARCHITECTURES, check_architecture, fresh_head, infer_arch
 from utils import UserError, load_state_dict_safely, run_cli
 
 
@@ -56,13 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     best, last, log = engine.run_files(args.finetuned)
     flag, start, args.arch = starting_weights(args)
 
-    def load_start(model, resuming: bool, is_main: bool) -> None:  # the model's new head stays as initialised
+    def load_start(model, resuming: bool, is_main: bool) -> None:
+        fresh_head(model, args.arch)  # the seed's new nn.Linear, whatever torchvision's own head init
         engine.load_backbone(model, start, ARCHITECTURES[args.arch].head,
                              f"{flag} {args.pretrained or args.from_scratch}")
 
     return engine.run_training(
         args, best_path=args.finetuned, outputs={best: "-b", last: "-b", log: "-b"},
-        color_jitter=False, schedule="cosine", label="fine-tune", init_model=load_start)
+        schedule="cosine", label="fine-tune", init_model=load_start)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ __all__ = [
     "LayerGroup",
     "build_model",
     "check_architecture",
+    "fresh_head",
     "infer_arch",
     "layer_groups",
     "num_classes_of",
@@ -106,6 +107,25 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     if arch not in ARCHITECTURES:
         raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[arch].builder(num_classes)
+
+
+def fresh_head(model: nn.Module, arch: str) -> nn.Linear:
+    """Replace ``model``'s classifier with a new ``nn.Linear(in_features, out_features)`` in
+    PyTorch's default initialisation, and return it.
+
+    This is what the seed's fine-tuning does (``net.fc = nn.Linear(...)``), and it is done
+    the same way for every architecture: torchvision would otherwise start a ViT's head at
+    zero and a DenseNet's bias at zero.
+    """
+    name = ARCHITECTURES[arch].head
+    old = model.get_submodule(name)
+    if not isinstance(old, nn.Linear):
+        raise TypeError(f"the head {name} of {arch} is a {type(old).__name__}, not nn.Linear")
+    new = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    return new
 
 
 def _is_layer_weight(key: str, tensor: torch.Tensor) -> bool:

@@ -163,3 +163,25 @@ def test_generic_grouping_by_numbered_block():
     assert groups[2].keys == ("blocks.1.qkv.weight", "blocks.1.fc.weight")
     assert infer_arch(state_dict) is None
     assert layer_groups(GENERIC, state_dict) == groups
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "densenet121", "vit_s16"])
+def test_fine_tuning_head_is_a_fresh_default_linear(arch):
+    """Every architecture gets the seed's new head: nn.Linear in PyTorch's default
+    initialisation (uniform in +-1/sqrt(fan_in) for weight and bias), not torchvision's
+    zero-initialised ViT head or DenseNet's zero bias."""
+    from torch import nn
+
+    from models import ARCHITECTURES, build_model, fresh_head
+
+    model = build_model(arch, num_classes=7)
+    torch.manual_seed(0)
+    head = fresh_head(model, arch)
+    assert model.get_submodule(ARCHITECTURES[arch].head) is head and type(head) is nn.Linear
+    assert head.out_features == 7
+    bound = 1 / head.in_features ** 0.5
+    for tensor in (head.weight, head.bias):
+        assert tensor.abs().max() <= bound and tensor.abs().mean() > bound / 4  # uniform, not zero
+    torch.manual_seed(0)
+    reference = nn.Linear(head.in_features, 7)
+    assert torch.equal(head.weight, reference.weight) and torch.equal(head.bias, reference.bias)
