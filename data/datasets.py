@@ -42,8 +42,9 @@ __all__ = [
 ]
 
 SPLITS = ("train", "val")
-# Share of each class that goes to "train" in the seeded 80/20 splits.
-TRAIN_FRACTION = 0.8
+# Share of each class that goes to "val" in the seeded splits: int(0.2 * n) images, the
+# rest to "train", the count rule of the seed's datasets.ImageDataset.
+VAL_FRACTION = 0.2
 CALTECH_TRAIN_PER_CLASS = 30
 FLOWERS_IMAGES_PER_CLASS = 80
 # Oxford 17 Flowers: image_0001..0080 are class 0, image_0081..0160 class 1, and so on, in
@@ -179,8 +180,10 @@ def seeded_split(items: Sequence[Any], n_train: int, seed: int, key: str) -> tup
     return train, val
 
 
-def _eighty_percent(n: int) -> int:
-    return round(n * TRAIN_FRACTION)
+def _train_count(n: int) -> int:
+    """Training images of a class of ``n``: all but ``int(0.2 * n)`` (the seed's rule; for
+    some n it keeps one image more for training than ``round(0.8 * n)``)."""
+    return n - int(VAL_FRACTION * n)
 
 
 def _split_per_class(files_by_class: Sequence[Sequence[str]], classes: Sequence[str], split: str,
@@ -376,7 +379,7 @@ def _build_flowers(root: Path, split: str, transform, skip_corrupt: bool, seed: 
     paths = [str(folder / name) for name in names]
     per_class = FLOWERS_IMAGES_PER_CLASS
     files = [paths[c * per_class:(c + 1) * per_class] for c in range(len(FLOWERS17_CLASSES))]
-    samples = _split_per_class(files, FLOWERS17_CLASSES, split, seed, _eighty_percent)
+    samples = _split_per_class(files, FLOWERS17_CLASSES, split, seed, _train_count)
     return ImageFileDataset(samples, FLOWERS17_CLASSES, transform, skip_corrupt)
 
 
@@ -392,7 +395,7 @@ def _build_pocus(root: Path, split: str, transform, skip_corrupt: bool, seed: in
         if not (root / name).is_dir():
             raise _layout_error(root, root / name, layout)
     files = [_images_in(root / name) for name in POCUS_CLASSES]
-    samples = _split_per_class(files, POCUS_CLASSES, split, seed, _eighty_percent)
+    samples = _split_per_class(files, POCUS_CLASSES, split, seed, _train_count)
     return ImageFileDataset(samples, POCUS_CLASSES, transform, skip_corrupt)
 
 
@@ -497,7 +500,7 @@ def _seeded_class_folders(root: Path, folder: Path, layout: str, split: str, tra
     if not classes:
         raise _layout_error(root, folder / "<class>/<image>", layout)
     files = [_images_in(folder / name) for name in classes]
-    samples = _split_per_class(files, classes, split, seed, _eighty_percent)
+    samples = _split_per_class(files, classes, split, seed, _train_count)
     return ImageFileDataset(samples, classes, transform, skip_corrupt)
 
 

@@ -487,10 +487,21 @@ def test_registry_image_sizes_and_layouts():
 
 
 def test_seeded_split_sizes_give_the_table_n():
-    # 30 per class for Caltech-101; 80% of 80 (Flowers) and of 100 (UC Merced) per class.
+    # 30 per class for Caltech-101; all but int(0.2 n) of 80 (Flowers) and of 100 (UC Merced) per class.
+    from data.datasets import _train_count
+
     assert DATASETS["caltech101"].train_size == 30 * 102
-    assert DATASETS["flowers"].train_size == round(0.8 * 80) * 17
-    assert DATASETS["landuse"].train_size == round(0.8 * 100) * 21
+    assert DATASETS["flowers"].train_size == _train_count(80) * 17 == 64 * 17
+    assert DATASETS["landuse"].train_size == _train_count(100) * 21 == 80 * 21
+
+
+def test_split_count_is_the_seeds_int_rule():
+    from data.datasets import _train_count
+
+    # the seed keeps int(0.2 n) for validation; round(0.8 n) would differ for these n
+    assert [_train_count(n) for n in (1, 2, 3, 4, 7, 9, 13, 14)] == [1, 2, 3, 4, 6, 8, 11, 12]
+    assert all(_train_count(n) == n - int(0.2 * n) for n in range(0, 500))
+    assert sum(_train_count(n) != round(0.8 * n) for n in range(1, 100)) > 10
 
 
 # ------------------------------------------------------------------------------ errors
@@ -717,12 +728,12 @@ def test_val_transform_resizes_and_normalises():
 def test_train_transform_recipe():
     steps = [type(step) for step in build_transform(True, 32).transforms]
     assert steps == [T.Resize, T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToImage, T.ToDtype, T.Normalize, T.ToPureTensor]
-    jitter = build_transform(True, 32, color_jitter=True).transforms[3]
+    jitter = build_transform(True, 32, color_jitter=0.4).transforms[3]
     assert isinstance(jitter, T.ColorJitter) and jitter.brightness == (0.6, 1.4)
     assert jitter.contrast == (0.6, 1.4) and jitter.saturation == (0.6, 1.4) and jitter.hue is None
     assert build_transform(True, 32)(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
     assert [type(s) for s in build_transform(False, 32).transforms] == [T.Resize, T.ToImage, T.ToDtype, T.Normalize, T.ToPureTensor]
     # the same recipe on a uint8 image tensor (the synthetic benchmark's images)
     tensor = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
-    out = build_transform(True, 32, color_jitter=True)(tensor)
+    out = build_transform(True, 32, color_jitter=0.4)(tensor)
     assert out.shape == (3, 32, 32) and type(out) is torch.Tensor  # a plain tensor, no tv_tensor
