@@ -6,23 +6,45 @@ All three are measured on features of the *training* images:
 
 * ``N`` (data amount): the number of training images of the target task, always the full
   training set (even when the features below use a subset).
-* ``G`` (domain gap): the Fréchet distance between Gaussian fits of the source and target
-  features, divided by the feature dimension ``d``::
+* ``G`` (domain gap): the Fréchet distance between Gaussian fits of source and target
+  features, measured in ``k`` dimensions and extrapolated to infinitely many samples, per
+  dimension (:func:`gap_estimate`)::
 
-      G = ( ||mu_s - mu_t||^2 + tr(S_s + S_t - 2 (S_s^{1/2} S_t S_s^{1/2})^{1/2}) ) / d
+      FD(a, b) = ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^{1/2} S_b S_a^{1/2})^{1/2})
+      G = FD_inf / k
 
-* ``D`` (intraclass variance): the mean over classes of the mean squared Euclidean distance
-  of a class's features to the class mean, divided by ``d``::
+  The plain sample Fréchet distance grows as samples shrink: two samples of n points of
+  one distribution are about ``(d + 5) / (2 n)`` apart per dimension and unit variance
+  when n > d (0.51 at d = 2048, n = 2000), which would tie G to the data set's size. So:
+  (1) the same number ``n`` of source and target samples is compared; (2) the features are
+  projected onto the ``k = min(d, 64, n // 3)`` leading principal directions of *source*
+  features that take no other part (a basis fitted on the compared samples themselves
+  would inflate their variance along it; ``n // 3`` only binds below 192 samples, where
+  the extrapolation would otherwise fail); (3) the distance is computed on random subsets
+  of ``m`` = n/2 .. n samples of each side, ``FD(m) = FD_inf + b / m`` is fitted by least
+  squares and its intercept ``FD_inf`` is kept (the extrapolation of Chong & Forsyth's
+  "FID infinity", 2020). Two samples of one distribution give ``|G| < 0.01`` per unit
+  variance for n from 500 to 5,000 (tested; the spread is about 0.003 at n = 500 and
+  shrinks as 1 / n), and a known distance is recovered within the same bound. G is not
+  clipped: a gap near 0 may come out slightly negative, and clipping would bias small
+  gaps upwards.
+* ``D`` (intraclass variance): the mean over classes of the unbiased (ddof 1) variance of
+  a class's features around the class mean, summed over dimensions and divided by ``d``::
 
-      D = (1 / C) sum_c (1 / n_c) sum_{i in c} ||x_i - mu_c||^2 / d
+      D = (1 / C) sum_c (1 / (n_c - 1)) sum_{i in c} ||x_i - mu_c||^2 / d
 
-Dividing by ``d`` makes the numbers per feature dimension, so that feature spaces of
-different widths (64 for a ResNet-20, 2048 for a ResNet-50) give numbers of one scale.
+  over the ``C`` classes with at least two samples (a single sample says nothing about a
+  spread; such classes are left out). The subset of target images is class-stratified
+  (:func:`stratified_indices`): every class gets its proportional share, and at least two.
+
+Dividing by ``k`` and ``d`` makes the numbers per feature dimension, so that feature
+spaces of different widths (64 for a ResNet-20, 2048 for a ResNet-50) give numbers of one
+scale.
 
 Features are the penultimate-layer features of a model (the input of its classifier head,
 :class:`PenultimateFeatures`; the paper's theta_A by default) or, with no model at all,
 average-pooled pixels (:class:`PixelFeatures`). Extracted features can be cached on disk
-(:func:`cached_features`), one ``.npz`` per (extractor, dataset, split, subset).
+(:func:`cached_features`), one ``.npz`` per (extractor, dataset, transform, split, subset).
 """
 from __future__ import annotations
 
@@ -35,7 +57,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm import tqdm
 
 from utils import UserError, load_state_dict_safely, write_atomically
@@ -45,17 +67,22 @@ __all__ = [
     "PenultimateFeatures",
     "PixelFeatures",
     "cached_features",
+    "dataset_labels",
     "dataset_statistics",
     "domain_gap",
     "extract_features",
     "frechet_distance",
+    "frechet_distance_infinity",
+    "gap_estimate",
     "gaussian_fit",
     "intraclass_variance",
+    "principal_basis",
+    "stratified_indices",
     "subset_indices",
 ]
 
 # Bumped whenever what a cache file holds changes meaning; part of every cache key.
-CACHE_FORMAT = "dataset-stats-features-1"
+CACHE_FORMAT = "dataset-stats-features-2"
 _HASH_CHUNK = 1 << 20
 
 
@@ -118,34 +145,151 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     return max(distance, 0.0)
 
 
-def domain_gap(source_features: np.ndarray, target_features: np.ndarray) -> float:
-    """G: Fréchet distance between Gaussian fits of the two feature sets, divided by ``d``."""
+# The domain gap's settings (see the module docstring); dataset_statistics reports them.
+GAP_DIMS = 64  # k: G is measured along at most this many principal directions of the source
+GAP_SIZES = 8  # subset sizes of the extrapolation, n/2 .. n evenly spaced in 1/m
+GAP_DRAWS = 4  # random subsets of each side per size
+GAP_MIN_SAMPLES = 4  # the smallest subsets then hold 2 samples, the least a covariance needs
+GAP_SAMPLES_PER_DIM = 3  # k is at most n // 3: below ~2 samples per dimension the extrapolation fails
+
+
+def principal_basis(features: np.ndarray, dims: int = GAP_DIMS) -> np.ndarray:
+    """The leading principal directions of ``features [m, d]``: an orthonormal matrix
+    ``[d, min(dims, d, m - 1)]``, largest variance first (signs arbitrary).
+
+    Exact eigendecomposition (eigh) of the scatter matrix of the centred rows, or of their
+    Gram matrix when there are fewer rows than dimensions (the same directions, cheaper);
+    directions of zero variance (rows that span less than ``m - 1`` dimensions) are
+    completed to an orthonormal set by a QR decomposition.
+    """
+    x = _as_matrix(features, "basis features")
+    m, d = x.shape
+    if dims < 1:
+        raise ValueError(f"dims must be positive, got {dims}")
+    if m < 2:
+        raise ValueError(f"principal directions need at least 2 samples, got {m}")
+    k = min(dims, d, m - 1)
+    centred = x - x.mean(axis=0)
+    if m < d:
+        gram = centred @ centred.T
+        _, vectors = np.linalg.eigh((gram + gram.T) / 2)
+        basis, _ = np.linalg.qr(centred.T @ vectors[:, ::-1][:, :k])
+        return basis
+    scatter = centred.T @ centred
+    _, vectors = np.linalg.eigh((scatter + scatter.T) / 2)
+    return np.ascontiguousarray(vectors[:, ::-1][:, :k])
+
+
+def frechet_distance_infinity(a: np.ndarray, b: np.ndarray, *, seed: int | np.random.Generator = 0,
+                              sizes: int = GAP_SIZES, draws: int = GAP_DRAWS) -> tuple[float, float]:
+    """The Fréchet distance between the distributions behind samples ``a [n_a, k]`` and
+    ``b [n_b, k]``, extrapolated to infinitely many samples: ``(FD_inf, slope)``.
+
+    With ``n = min(n_a, n_b)``: for ``sizes`` subset sizes ``m`` from ``n`` down to ``n / 2``
+    (evenly spaced in ``1 / m``), ``draws`` times each, ``m`` rows of ``a`` and ``m`` of ``b``
+    are drawn without replacement (``numpy.random.default_rng(seed)``) and the Fréchet
+    distance of their Gaussian fits computed; ``FD(m) = FD_inf + slope / m`` is then fitted
+    by least squares. A random subset of an i.i.d. sample is an i.i.d. sample, so every
+    point has the expectation of a fresh sample of size ``m``, whose leading bias term is
+    ``slope / m``. ``FD_inf`` is not clipped: it can be slightly negative.
+    """
+    a, b = _as_matrix(a, "a"), _as_matrix(b, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature dimensions differ: {a.shape[1]} and {b.shape[1]}")
+    n = min(a.shape[0], b.shape[0])
+    if n < GAP_MIN_SAMPLES:
+        raise ValueError(f"the extrapolation needs at least {GAP_MIN_SAMPLES} samples of each side, got {n}")
+    if sizes < 2 or draws < 1:
+        raise ValueError(f"need at least 2 sizes and 1 draw, got {sizes} and {draws}")
+    rng = np.random.default_rng(seed)
+    subset_sizes = np.rint(1.0 / np.linspace(1.0 / n, 2.0 / n, sizes)).astype(int)
+    inverse_sizes, distances = [], []
+    for m in subset_sizes:
+        for _ in range(draws):
+            rows_a = rng.choice(a.shape[0], size=m, replace=False)
+            rows_b = rng.choice(b.shape[0], size=m, replace=False)
+            distances.append(frechet_distance(*gaussian_fit(a[rows_a]), *gaussian_fit(b[rows_b])))
+            inverse_sizes.append(1.0 / m)
+    design = np.stack([np.ones(len(inverse_sizes)), inverse_sizes], axis=1)
+    (intercept, slope), *_ = np.linalg.lstsq(design, np.asarray(distances), rcond=None)
+    return float(intercept), float(slope)
+
+
+def gap_estimate(source_features: np.ndarray, target_features: np.ndarray, *,
+                 basis_features: np.ndarray | None = None, dims: int = GAP_DIMS, samples: int | None = None,
+                 seed: int | np.random.Generator = 0) -> dict[str, Any]:
+    """G and how it was measured: ``{"G", "dims" (k), "samples" (n, per side),
+    "uncorrected" (the plain Fréchet distance of the n samples / k)}``.
+
+    ``n = min(len(source), len(target), samples)`` rows of each side are compared (a seeded
+    random subset where a side has more), in ``k = min(d, dims, n // GAP_SAMPLES_PER_DIM)``
+    dimensions: the extrapolation needs a few samples per dimension (with fewer than two
+    it fails, the Gaussian fits being singular), so only sets of fewer than
+    ``GAP_SAMPLES_PER_DIM * dims`` images get a smaller ``k``. Where ``k < d`` the features
+    are projected onto the ``k`` leading principal directions of ``basis_features``
+    (:func:`principal_basis`, which also keeps ``k`` below their number of rows): source
+    features *disjoint* from ``source_features``, as a basis fitted on the compared sample
+    inflates its variance along the basis. Then ``G = FD_inf / k``
+    (:func:`frechet_distance_infinity`). ``seed`` (or a ``numpy.random.Generator``) fixes
+    the subsets.
+    """
     source = _as_matrix(source_features, "source_features")
     target = _as_matrix(target_features, "target_features")
-    if source.shape[1] != target.shape[1]:
-        raise ValueError(f"feature dimensions differ: source {source.shape[1]}, target {target.shape[1]}")
-    return frechet_distance(*gaussian_fit(source), *gaussian_fit(target)) / source.shape[1]
+    d = source.shape[1]
+    if target.shape[1] != d:
+        raise ValueError(f"feature dimensions differ: source {d}, target {target.shape[1]}")
+    if dims < 1:
+        raise ValueError(f"dims must be positive, got {dims}")
+    n = min(source.shape[0], target.shape[0], samples if samples is not None else source.shape[0])
+    if n < GAP_MIN_SAMPLES:
+        raise ValueError(f"G needs at least {GAP_MIN_SAMPLES} samples of each side, got {n}")
+    rng = np.random.default_rng(seed)
+    if source.shape[0] > n:
+        source = source[np.sort(rng.choice(source.shape[0], size=n, replace=False))]
+    if target.shape[0] > n:
+        target = target[np.sort(rng.choice(target.shape[0], size=n, replace=False))]
+    k = min(d, dims, max(n // GAP_SAMPLES_PER_DIM, 1))
+    if k < d:
+        if basis_features is None:
+            raise ValueError(f"{d}-d features need basis_features (source features disjoint from "
+                             f"source_features) to reduce them to {k} dimensions")
+        basis = principal_basis(basis_features, k)
+        if basis.shape[0] != d:
+            raise ValueError(f"basis_features have {basis.shape[0]} dimensions, the features {d}")
+        source, target = source @ basis, target @ basis
+        k = basis.shape[1]
+    extrapolated, _ = frechet_distance_infinity(source, target, seed=rng)
+    uncorrected = frechet_distance(*gaussian_fit(source), *gaussian_fit(target))
+    return {"G": extrapolated / k, "dims": k, "samples": n, "uncorrected": uncorrected / k}
+
+
+def domain_gap(source_features: np.ndarray, target_features: np.ndarray, **kwargs: Any) -> float:
+    """G alone: ``gap_estimate(source_features, target_features, **kwargs)["G"]``."""
+    return gap_estimate(source_features, target_features, **kwargs)["G"]
 
 
 def intraclass_variance(features: np.ndarray, labels: np.ndarray) -> float:
-    """D: the mean over classes of ``mean_i ||x_i - mu_c||^2`` (the class's own samples,
-    divided by their number ``n_c``), divided by the feature dimension ``d``.
+    """D: the mean over classes of ``sum_i ||x_i - mu_c||^2 / (n_c - 1)`` (the unbiased
+    variance of the class's own samples, summed over dimensions), divided by the feature
+    dimension ``d``.
 
-    Every class present in ``labels`` counts once, whatever its size; a class with a single
-    sample has no spread and contributes 0 (it still counts in the mean over classes).
+    Every class with at least two samples counts once, whatever its size; a class with a
+    single sample has no measurable spread and is left out. Raises ``ValueError`` when no
+    class has two samples.
     """
     x = _as_matrix(features)
     y = np.asarray(labels).reshape(-1)
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"{x.shape[0]} feature rows but {y.shape[0]} labels")
-    if x.shape[0] == 0:
-        raise ValueError("no samples")
     classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    kept = counts >= 2
+    if not kept.any():
+        raise ValueError("D needs a class with at least two samples")
     sums = np.zeros((len(classes), x.shape[1]))
     np.add.at(sums, inverse, x)
     means = sums / counts[:, None]
     squared = ((x - means[inverse]) ** 2).sum(axis=1)
-    per_class = np.bincount(inverse, weights=squared, minlength=len(classes)) / counts
+    per_class = np.bincount(inverse, weights=squared, minlength=len(classes))[kept] / (counts[kept] - 1)
     return float(per_class.mean() / x.shape[1])
 
 
@@ -272,15 +416,106 @@ class PenultimateFeatures(FeatureExtractor):
 # ------------------------------------------------------------------- feature extraction
 
 
-def subset_indices(size: int, max_samples: int | None, seed: int = 0) -> np.ndarray:
-    """Indices of the samples used: all of them in order, or ``max_samples`` of them drawn
-    without replacement by ``numpy.random.default_rng(seed)`` (the same on every machine),
-    sorted."""
+def stratified_indices(labels: np.ndarray, max_samples: int | None, seed: int = 0) -> np.ndarray:
+    """Indices (sorted) of a class-stratified subset of ``max_samples`` samples with these
+    ``labels``; all samples when ``max_samples`` is ``None`` or at least their number.
+
+    Proportional allocation with a minimum: every class gets at least ``min(n_c, 2)``
+    samples (the least D can use); a class whose proportional share ``max_samples * n_c /
+    n`` falls below that gets its minimum, and the rest of the budget is shared in
+    proportion to size among the other classes (repeated until no share falls below its
+    minimum), rounded down, then one more sample for the classes with the largest
+    remainders (ties: the smaller label) until the total is ``max_samples``. Only where two
+    of every class exceed ``max_samples`` is the subset larger: two of every class (one of
+    a class of one). Within a class the samples are drawn without replacement by one
+    ``numpy.random.default_rng(seed)``, class after class in label order: integer
+    arithmetic and a fixed generator give the same subset on every machine. Negative labels
+    (samples whose label could not be read) are never chosen.
+    """
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be positive, got {max_samples}")
+    candidates = np.flatnonzero(y >= 0)
+    if max_samples is None or max_samples >= len(candidates):
+        return candidates
+    _, inverse, counts = np.unique(y[candidates], return_inverse=True, return_counts=True)
+    least = np.minimum(counts, 2)
+    fixed = np.zeros(len(counts), dtype=bool)  # classes held at their minimum
+    while True:
+        budget = max_samples - int(least[fixed].sum())
+        free = ~fixed
+        share, remainder = np.divmod(max(budget, 0) * counts, max(int(counts[free].sum()), 1))
+        below = free & (share < least)
+        if not below.any():
+            break
+        fixed |= below
+    take = np.where(fixed, least, share)
+    if free.any():  # the remainders add up to fewer than one sample per free class
+        order = np.lexsort((np.arange(len(counts)), -remainder))
+        order = order[free[order]]
+        take[order[: budget - int(share[free].sum())]] += 1
+    rng = np.random.default_rng(seed)
+    members = np.split(candidates[np.argsort(inverse, kind="stable")], np.cumsum(counts)[:-1])
+    chosen = [rng.choice(group, size=int(count), replace=False) for group, count in zip(members, take)]
+    return np.sort(np.concatenate(chosen))
+
+
+def subset_indices(size: int, max_samples: int | None, seed: int = 0,
+                   labels: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the samples used: all of them in order, or (sorted) ``max_samples`` of
+    them drawn without replacement by ``numpy.random.default_rng(seed)`` (the same on every
+    machine); with ``labels`` (one per sample) a class-stratified subset instead
+    (:func:`stratified_indices`)."""
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be positive, got {max_samples}")
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if labels.shape[0] != size:
+            raise ValueError(f"{size} samples but {labels.shape[0]} labels")
+        return stratified_indices(labels, max_samples, seed)
     if max_samples is None or max_samples >= size:
         return np.arange(size)
     return np.sort(np.random.default_rng(seed).choice(size, size=max_samples, replace=False))
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """Every sample's label (int64 ``[len(dataset)]``), read without decoding images where
+    the dataset lists them: its ``targets`` (the project's image-file datasets, torchvision's
+    CIFAR, DTD and FGVC-Aircraft, the synthetic tasks), its ``samples`` as (path, label)
+    pairs, a ``Subset`` of such a dataset, or a ``TensorDataset`` of (images, labels).
+    Otherwise every item is read (slow: each image is decoded); an item that comes back as
+    ``None`` (a corrupt image skipped with ``skip_corrupt``) gets the label -1.
+    """
+    size = len(dataset)
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        return dataset.tensors[1].reshape(-1).cpu().numpy().astype(np.int64)
+    listed = getattr(dataset, "targets", None)
+    if listed is None and isinstance(getattr(dataset, "samples", None), (list, tuple)):
+        listed = [entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+                  for entry in dataset.samples]
+    if listed is not None:
+        try:
+            labels = np.asarray(listed.cpu() if isinstance(listed, torch.Tensor) else listed).reshape(-1)
+        except (TypeError, ValueError):
+            labels = np.empty(0)
+        if labels.shape[0] == size and np.issubdtype(labels.dtype, np.integer):
+            return labels.astype(np.int64)
+    labels = np.empty(size, dtype=np.int64)
+    for index in range(size):
+        item = dataset[index]
+        labels[index] = -1 if item is None else int(item[1])
+    return labels
+
+
+def _transform_text(dataset: Dataset) -> str | None:
+    """``repr`` of the transform the dataset (or the one a ``Subset`` wraps) applies: it
+    names the input size and normalisation, which change the features."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    transform = getattr(dataset, "transform", None)
+    return None if transform is None else repr(transform)
 
 
 def _collate(batch: list) -> Any:
@@ -291,16 +526,21 @@ def _collate(batch: list) -> Any:
 
 def extract_features(dataset: Dataset, extractor: Callable[[torch.Tensor], torch.Tensor], *,
                      batch_size: int = 256, device: torch.device | str = "cpu", max_samples: int | None = None,
-                     seed: int = 0, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                     seed: int = 0, stratify: bool = False,
+                     progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Features ``[n, d]`` (float32) and labels ``[n]`` (int64) of ``dataset``'s items
     ``(image, label)``, in index order.
 
-    ``max_samples`` takes a seeded random subset (:func:`subset_indices`). Runs in batches
+    ``max_samples`` takes a seeded random subset, class-stratified with ``stratify``
+    (:func:`subset_indices`; the labels come from :func:`dataset_labels`). Runs in batches
     under ``torch.no_grad`` on ``device``; an extractor with a ``to`` method is moved there
     first. Samples a ``skip_corrupt`` dataset returns as ``None`` are left out.
     """
     device = torch.device(device)
-    indices = subset_indices(len(dataset), max_samples, seed)
+    size = len(dataset)
+    subsetting = max_samples is not None and max_samples < size
+    labels_before = dataset_labels(dataset) if stratify and subsetting else None
+    indices = subset_indices(size, max_samples, seed, labels_before)
     if hasattr(extractor, "to"):
         extractor = extractor.to(device) or extractor
     loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
@@ -345,22 +585,27 @@ def _read_cache(path: Path, meta_text: str) -> tuple[np.ndarray, np.ndarray] | N
 def cached_features(cache_dir: str | os.PathLike, extractor: FeatureExtractor, dataset_key: str, split: str,
                     dataset: Dataset, **extract_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
     """:func:`extract_features` with a disk cache: one ``.npz`` in ``cache_dir`` per
-    (extractor key, dataset key, split, dataset length, max_samples, seed), written
-    atomically. ``dataset_key`` names the dataset (e.g. the --dataset string and its
-    --data_dir); a file whose arguments do not match, or that cannot be read, is recomputed.
-    ``batch_size``, ``device`` and ``progress`` are not part of the key.
+    (cache format, extractor key, dataset key, the dataset's transform, split, dataset
+    length, and for a subset max_samples, seed and stratify), written atomically.
+    ``dataset_key`` names the dataset (e.g. the --dataset string and its --data_dir); the
+    transform (its ``repr``: input size, normalisation) is read from the dataset. A file
+    whose arguments do not match, or that cannot be read, is recomputed. ``batch_size``,
+    ``device`` and ``progress`` are not part of the key.
     """
     max_samples = extract_kwargs.get("max_samples")
     if max_samples is not None and max_samples >= len(dataset):
         max_samples = None  # the whole set either way: one cache entry
+    subset = max_samples is not None
     meta = {
         "format": CACHE_FORMAT,
         "extractor": extractor.key,
         "dataset": str(dataset_key),
+        "transform": _transform_text(dataset),
         "split": str(split),
         "length": len(dataset),
         "max_samples": max_samples,
-        "seed": int(extract_kwargs.get("seed", 0)) if max_samples is not None else None,
+        "seed": int(extract_kwargs.get("seed", 0)) if subset else None,
+        "stratify": bool(extract_kwargs.get("stratify", False)) if subset else None,
     }
     meta_text = json.dumps(meta, sort_keys=True)
     cache_dir = Path(cache_dir)
@@ -385,31 +630,67 @@ def dataset_statistics(target_train: Dataset, source_train: Dataset, extractor: 
                        max_samples: int | None = 2000, cache_dir: str | os.PathLike | None = None,
                        target_key: str | None = None, source_key: str | None = None,
                        device: torch.device | str = "cpu", seed: int = 0, batch_size: int = 256,
-                       progress: bool = True) -> dict[str, Any]:
+                       progress: bool = True, gap_dims: int = GAP_DIMS) -> dict[str, Any]:
     """N, G and D of a target task against a source task (training splits of both).
 
-    Features of at most ``max_samples`` images of each set (the same seeded subset rule)
-    are extracted, through the cache in ``cache_dir`` when given (then ``target_key`` and
-    ``source_key`` name the two datasets). Returns ``{"N": len(target_train), "G": ...,
-    "D": ..., "feature_dim": d, "samples": target samples used, "source_samples": source
-    samples used}``.
-    """
-    kwargs = dict(batch_size=batch_size, device=device, max_samples=max_samples, seed=seed, progress=progress)
+    Features are extracted, through the cache in ``cache_dir`` when given (then
+    ``target_key`` and ``source_key`` name the two datasets), of
 
-    def features_of(dataset: Dataset, key: str | None, name: str) -> tuple[np.ndarray, np.ndarray]:
+    * a class-stratified subset of ``max_samples`` target images (:func:`stratified_indices`;
+      more only where the dataset has over ``max_samples / 2`` classes): D uses all of them;
+    * a random subset of ``2 * max_samples`` source images, split at random into two
+      halves: one only fits the principal directions G is measured along (where ``k < d``),
+      the other is compared with the target.
+
+    G compares ``n = min(max_samples, target images, source images / 2)`` images of each
+    side in ``k = min(d, gap_dims, n // 3)`` dimensions (:func:`gap_estimate`).
+    ``max_samples=None`` uses every image. ``seed`` fixes every random choice. Returns
+    ``{"N": len(target_train), "G", "D", "feature_dim": d, "samples": target images
+    extracted, "source_samples": source images extracted, "gap_dims": k, "gap_samples": n,
+    "gap_basis_samples": source images the directions were fitted on (0: no reduction),
+    "G_uncorrected": the Fréchet distance of the n samples / k before the extrapolation,
+    "D_classes": classes D averages over}``. Raises :class:`UserError` when the sets are
+    too small (G needs 4 target and 8 source images, D a class with 2 images).
+    """
+    if max_samples is not None and max_samples < 1:
+        raise UserError(f"max_samples must be positive, got {max_samples}")
+    kwargs = dict(batch_size=batch_size, device=device, seed=seed, progress=progress)
+
+    def features_of(dataset: Dataset, key: str | None, name: str, **subset: Any):
         if cache_dir is None:
-            return extract_features(dataset, extractor, **kwargs)
+            return extract_features(dataset, extractor, **kwargs, **subset)
         if key is None:
             raise ValueError(f"cache_dir needs {name}_key, a string that names the {name} dataset")
-        return cached_features(cache_dir, extractor, key, "train", dataset, **kwargs)
+        return cached_features(cache_dir, extractor, key, "train", dataset, **kwargs, **subset)
 
-    target_features, target_labels = features_of(target_train, target_key, "target")
-    source_features, _ = features_of(source_train, source_key, "source")
+    target_features, target_labels = features_of(target_train, target_key, "target", max_samples=max_samples,
+                                                 stratify=True)
+    source_features, _ = features_of(source_train, source_key, "source",
+                                     max_samples=None if max_samples is None else 2 * max_samples)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(source_features.shape[0])
+    basis_part = source_features[np.sort(order[: len(order) // 2])]
+    compared_part = source_features[np.sort(order[len(order) // 2 :])]
+    if min(target_features.shape[0], compared_part.shape[0]) < GAP_MIN_SAMPLES:
+        raise UserError(f"G needs at least {GAP_MIN_SAMPLES} target and {2 * GAP_MIN_SAMPLES} source images; "
+                        f"got {target_features.shape[0]} and {source_features.shape[0]}")
+    _, counts = np.unique(target_labels, return_counts=True)
+    if not (counts >= 2).any():
+        raise UserError(f"D needs a class with at least two images; the {target_features.shape[0]} target "
+                        "images used have one per class")
+    gap = gap_estimate(compared_part, target_features, basis_features=basis_part, dims=gap_dims,
+                       samples=max_samples, seed=rng)
+    d = int(target_features.shape[1])
     return {
         "N": len(target_train),
-        "G": domain_gap(source_features, target_features),
+        "G": gap["G"],
         "D": intraclass_variance(target_features, target_labels),
-        "feature_dim": int(target_features.shape[1]),
+        "feature_dim": d,
         "samples": int(target_features.shape[0]),
         "source_samples": int(source_features.shape[0]),
+        "gap_dims": gap["dims"],
+        "gap_samples": gap["samples"],
+        "gap_basis_samples": int(basis_part.shape[0]) if gap["dims"] < d else 0,
+        "G_uncorrected": gap["uncorrected"],
+        "D_classes": int((counts >= 2).sum()),
     }

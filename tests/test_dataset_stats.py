@@ -1,5 +1,7 @@
-"""Dataset statistics (N, G, D): known answers for the formulas, the synthetic benchmark's
-knobs, penultimate features against a manual forward pass, seeded subsets and the cache."""
+"""Dataset statistics (N, G, D): known answers for the formulas, G free of the sample size
+(same-distribution samples near 0, known distances recovered), D unbiased on many-class
+sets, the synthetic benchmark's knobs, penultimate features against a manual forward pass,
+stratified seeded subsets and the cache."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from data import build_dataset, build_transform
 from metrics.dataset_stats import (
@@ -17,12 +19,17 @@ from metrics.dataset_stats import (
     PenultimateFeatures,
     PixelFeatures,
     cached_features,
+    dataset_labels,
     dataset_statistics,
     domain_gap,
     extract_features,
     frechet_distance,
+    gap_estimate,
     gaussian_fit,
     intraclass_variance,
+    principal_basis,
+    stratified_indices,
+    subset_indices,
 )
 from models import ARCHITECTURES, build_model
 from utils import UserError
@@ -49,19 +56,10 @@ def test_gaussian_fit_is_mean_and_unbiased_covariance():
     np.testing.assert_allclose(cov, np.cov(x.astype(np.float64), rowvar=False, ddof=1), rtol=1e-10)
 
 
-def test_identical_feature_sets_have_zero_gap():
+def test_identical_gaussians_have_zero_frechet_distance():
     x = correlated_samples(np.random.default_rng(1), 400, 12, shift=3.0)
-    assert domain_gap(x, x.copy()) == pytest.approx(0.0, abs=1e-9)
     mu, cov = gaussian_fit(x)
     assert frechet_distance(mu, cov, mu, cov) == pytest.approx(0.0, abs=1e-9)
-
-
-def test_gap_is_symmetric_and_positive_for_different_sets():
-    rng = np.random.default_rng(2)
-    a, b = correlated_samples(rng, 300, 10), correlated_samples(rng, 200, 10, shift=0.5)
-    forward, backward = domain_gap(a, b), domain_gap(b, a)
-    assert forward > 0.1
-    assert forward == pytest.approx(backward, rel=1e-9)
 
 
 def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
@@ -105,6 +103,112 @@ def test_gap_of_large_samples_approaches_the_known_value():
     assert domain_gap(x1, x2) == pytest.approx(known, rel=0.03)
 
 
+def test_gap_is_positive_and_nearly_symmetric_for_different_sets():
+    rng = np.random.default_rng(2)
+    a, b = correlated_samples(rng, 3000, 10), correlated_samples(rng, 2000, 10, shift=0.5)
+    forward, backward = gap_estimate(a, b), gap_estimate(b, a)
+    assert forward["samples"] == backward["samples"] == 2000 and forward["dims"] == 10
+    assert forward["G"] > 1.0
+    assert forward["G"] == pytest.approx(backward["G"], rel=0.05)
+
+
+# G's bound, per dimension and unit variance: same-distribution samples and known distances
+# come out within it at every sample size from 500 to 5,000.
+GAP_BOUND = 0.01
+GAP_SIZES = (500, 1000, 2000, 5000)
+
+
+@pytest.mark.parametrize("d", [64, 2048])
+def test_same_distribution_gives_a_gap_near_zero_at_every_sample_size(d: int):
+    rng = np.random.default_rng(d)
+    basis_features = rng.normal(size=(1000, d)) if d > 64 else None  # source samples that only fit the basis
+    for n in GAP_SIZES:
+        source, target = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+        estimate = gap_estimate(source, target, basis_features=basis_features, seed=n)
+        assert estimate["dims"] == 64 and estimate["samples"] == n
+        assert abs(estimate["G"]) < GAP_BOUND, (n, estimate)
+        # What the extrapolation removes: the plain distance of two samples is (k + 5) / (2 n).
+        assert estimate["uncorrected"] == pytest.approx(69 / (2 * n), rel=0.15), (n, estimate)
+
+
+def test_gap_compares_as_many_samples_of_each_side():
+    rng = np.random.default_rng(8)
+    source, target = rng.normal(size=(3000, 32)), rng.normal(size=(700, 32))
+    estimate = gap_estimate(source, target, seed=1)
+    assert estimate["samples"] == 700 and abs(estimate["G"]) < GAP_BOUND
+    assert gap_estimate(source, target, samples=500)["samples"] == 500
+    assert gap_estimate(source, target, seed=1) == estimate  # seeded
+    # Fewer than 3 samples per dimension: k = n // 3, along the directions of basis_features.
+    small = gap_estimate(source[:90], target[:90], basis_features=source[1000:1500])
+    assert small["dims"] == 30 and small["samples"] == 90
+    with pytest.raises(ValueError, match="basis_features"):
+        gap_estimate(source[:90], target[:90])
+
+
+def test_gap_is_not_clipped_at_zero():
+    rng = np.random.default_rng(11)
+    gaps = [domain_gap(rng.normal(size=(500, 16)), rng.normal(size=(500, 16)), seed=seed) for seed in range(8)]
+    assert all(abs(g) < GAP_BOUND for g in gaps), gaps
+    assert min(gaps) < 0 < max(gaps), gaps
+
+
+@pytest.mark.parametrize("d", [64, 2048])
+def test_known_frechet_distance_is_recovered_at_every_sample_size(d: int):
+    """Source N(0, diag(var)): variance 1 in 64 coordinates, 0.01 in the others; the target
+    moves the mean (8 coordinates) and the spread (16 others) inside those 64."""
+    rng = np.random.default_rng(100 + d)
+    var_s = np.full(d, 0.01)
+    var_s[:64] = 1.0
+    shift = np.zeros(d)
+    shift[:8] = 0.6
+    scale = np.ones(d)
+    scale[8:24] = 1.5
+    var_t = var_s * scale**2
+    closed_form = (shift @ shift + np.sum((np.sqrt(var_s) - np.sqrt(var_t)) ** 2)) / 64  # (2.88 + 4) / 64
+    basis_features = None
+    known = closed_form
+    if d > 64:
+        basis_features = rng.normal(size=(1000, d)) * np.sqrt(var_s)
+        basis = principal_basis(basis_features)
+        # The exact distance between the two Gaussians projected on the basis G measures in,
+        # close to the distance inside the 64 coordinates the basis estimates.
+        known = frechet_distance(np.zeros(64), basis.T @ (var_s[:, None] * basis),
+                                 basis.T @ shift, basis.T @ (var_t[:, None] * basis)) / 64
+        assert known == pytest.approx(closed_form, rel=0.05)
+    for n in GAP_SIZES:
+        # The bias is what the bound is about; one pair's sampling noise (about 0.005 at n = 500
+        # for a gap of 0.1) is averaged over 4 independent pairs.
+        gaps = [domain_gap(rng.normal(size=(n, d)) * np.sqrt(var_s), shift + rng.normal(size=(n, d)) * np.sqrt(var_t),
+                           basis_features=basis_features, seed=draw) for draw in range(4)]
+        assert abs(np.mean(gaps) - known) < GAP_BOUND, (n, known, gaps)
+
+
+def test_a_basis_fitted_on_the_compared_sample_would_inflate_the_gap():
+    rng = np.random.default_rng(5)
+    source, target, other = (rng.normal(size=(500, 2048)) for _ in range(3))
+    assert abs(domain_gap(source, target, basis_features=other)) < GAP_BOUND
+    assert domain_gap(source, target, basis_features=source) > 100 * GAP_BOUND
+    with pytest.raises(ValueError, match="basis_features"):
+        domain_gap(source, target)
+
+
+def test_principal_basis_finds_the_leading_directions():
+    rng = np.random.default_rng(9)
+    d = 40
+    rotation, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    variances = np.concatenate([np.linspace(9.0, 4.0, 5), np.full(d - 5, 0.01)])
+    x = (rng.normal(size=(2000, d)) * np.sqrt(variances)) @ rotation.T  # leading directions: rotation[:, :5]
+    for rows in (2000, 30):  # more rows than dimensions (scatter matrix), fewer (Gram matrix)
+        basis = principal_basis(x[:rows], dims=5)
+        assert basis.shape == (d, 5)
+        np.testing.assert_allclose(basis.T @ basis, np.eye(5), atol=1e-10)
+        overlap = np.linalg.svd(rotation[:, :5].T @ basis, compute_uv=False)  # cosines of the angles
+        assert overlap.min() > 0.98, (rows, overlap)
+    assert principal_basis(x[:10], dims=64).shape == (d, 9)  # 10 centred rows span 9 dimensions
+    flat = principal_basis(np.repeat(x[:3], 4, axis=0), dims=6)  # rank 2: completed to an orthonormal set
+    np.testing.assert_allclose(flat.T @ flat, np.eye(6), atol=1e-10)
+
+
 # ------------------------------------------------------------------------------- D
 
 
@@ -117,12 +221,15 @@ def test_intraclass_variance_of_hand_built_classes():
     features = np.concatenate([class0, class1])
     labels = np.array([0] * 6 + [1] * 2)
     order = np.random.default_rng(5).permutation(len(labels))  # classes need not be contiguous
-    # Mean over classes (not over samples, which would give (6 s0^2 + 2 s1^2) / 8 / d).
-    assert intraclass_variance(features[order], labels[order]) == pytest.approx((s0**2 + s1**2) / 2 / d, rel=1e-12)
-    # A class with one sample has no spread: it contributes 0 but counts as a class.
+    # Unbiased (ddof 1) per class, then the mean over classes (not over samples).
+    known = (6 * s0**2 / 5 + 2 * s1**2 / 1) / 2 / d
+    assert intraclass_variance(features[order], labels[order]) == pytest.approx(known, rel=1e-12)
+    # A class with one sample has no measurable spread: it is left out.
     features3 = np.concatenate([features, centre2[None]])
     labels3 = np.concatenate([labels, [7]])
-    assert intraclass_variance(features3, labels3) == pytest.approx((s0**2 + s1**2) / 3 / d, rel=1e-12)
+    assert intraclass_variance(features3, labels3) == pytest.approx(known, rel=1e-12)
+    with pytest.raises(ValueError, match="two samples"):
+        intraclass_variance(features[:3], np.arange(3))
 
 
 def test_intraclass_variance_of_identical_points_is_zero():
@@ -139,7 +246,108 @@ def test_statistics_are_per_feature_dimension():
     assert domain_gap(padded(a), padded(b)) == pytest.approx(domain_gap(a, b) / 2, rel=1e-9)
     assert intraclass_variance(padded(a), labels) == pytest.approx(intraclass_variance(a, labels) / 2, rel=1e-12)
     centred = a - a.mean(axis=0)
-    assert intraclass_variance(a, np.zeros(200)) == pytest.approx(np.sum(centred**2) / 200 / 5, rel=1e-12)
+    assert intraclass_variance(a, np.zeros(200)) == pytest.approx(np.sum(centred**2) / 199 / 5, rel=1e-12)
+
+
+class FeatureImages(Dataset):
+    """Features of 48 numbers held as 3 x 4 x 4 images, which PixelFeatures(4) reads back;
+    the labels are listed in ``targets``, as the project's datasets do."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray) -> None:
+        self.images = torch.as_tensor(features, dtype=torch.float32).reshape(-1, 3, 4, 4)
+        self.targets = [int(label) for label in labels]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.targets[index]
+
+
+@pytest.mark.parametrize("classes, smallest, largest", [(10, 100, 600), (200, 3, 60), (345, 3, 60)])
+def test_true_intraclass_variance_of_one_is_recovered(classes: int, smallest: int, largest: int):
+    """Unit variance in every dimension around each class mean (true D = 1), classes of
+    unequal sizes; the default 2,000 images leave about 6 per class at 345 classes."""
+    rng = np.random.default_rng(classes)
+    sizes = rng.integers(smallest, largest + 1, size=classes)
+    labels = rng.permutation(np.repeat(np.arange(classes), sizes))
+    features = 3.0 * rng.normal(size=(classes, 48))[labels] + rng.normal(size=(len(labels), 48))
+    target = FeatureImages(features, labels)
+    source = FeatureImages(rng.normal(size=(4000, 48)), np.zeros(4000))
+    stats = dataset_statistics(target, source, PixelFeatures(4), max_samples=2000, progress=False)
+    assert stats["N"] == len(labels) > 2000 and stats["samples"] == 2000 and stats["D_classes"] == classes
+    assert stats["D"] == pytest.approx(1.0, rel=0.02)
+
+
+# ---------------------------------------------------------------- stratified subsets
+
+
+def test_stratified_subset_gives_each_class_its_share_and_at_least_two():
+    counts = [400, 200, 100, 40, 7, 2, 1]  # 750 samples
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(7) * 3, counts))  # any label values
+    chosen = stratified_indices(labels, 75, seed=0)
+    assert len(chosen) == 75 and np.all(np.diff(chosen) > 0)
+    # Shares 40, 20, 10, 4, 0.7, 0.2, 0.1: the last three get their minimum (2, 2, 1); the other
+    # 70 go to the first four in proportion (37.8, 18.9, 9.5, 3.8), largest remainders rounded up.
+    assert [int(np.sum(labels[chosen] == 3 * c)) for c in range(7)] == [38, 19, 9, 4, 2, 2, 1]
+    np.testing.assert_array_equal(stratified_indices(labels, 75, seed=0), chosen)  # seeded
+    assert set(stratified_indices(labels, 75, seed=1)) != set(chosen)
+    np.testing.assert_array_equal(subset_indices(750, 75, seed=0, labels=labels), chosen)
+    np.testing.assert_array_equal(stratified_indices(labels, 750), np.arange(750))
+    np.testing.assert_array_equal(stratified_indices(labels, None), np.arange(750))
+
+
+def test_stratified_subset_keeps_two_of_every_class_when_there_are_many_classes():
+    labels = np.repeat(np.arange(40), 10)
+    chosen = stratified_indices(labels, 50, seed=3)
+    assert len(chosen) == 80 and np.all(np.bincount(labels[chosen]) == 2)
+    # Negative labels (unreadable samples) are never chosen.
+    marked = labels.copy()
+    marked[::7] = -1
+    assert np.all(marked[stratified_indices(marked, 100, seed=3)] >= 0)
+    assert np.all(marked[stratified_indices(marked, None)] >= 0)
+
+
+class IndexImages(Dataset):
+    """Image i is filled with the value i, so 1x1 pixel features read back the index."""
+
+    def __init__(self, size: int = 30) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        return torch.full((3, 4, 4), float(index)), index % 3
+
+
+class ListedSamples(IndexImages):
+    """Labels listed as (path, label) pairs in ``samples`` only."""
+
+    def __init__(self, size: int = 30) -> None:
+        super().__init__(size)
+        self.samples = [(f"image{i}.png", i % 3) for i in range(size)]
+
+
+class UnreadableSome(IndexImages):
+    def __getitem__(self, index: int):
+        return None if index == 4 else super().__getitem__(index)
+
+
+def test_dataset_labels_are_read_without_images_where_the_dataset_lists_them(monkeypatch):
+    expected = np.arange(30) % 3
+    np.testing.assert_array_equal(dataset_labels(IndexImages(30)), expected)  # read through the items
+    listed = ListedSamples(30)
+    monkeypatch.setattr(ListedSamples, "__getitem__", lambda self, index: pytest.fail("decoded an image"))
+    np.testing.assert_array_equal(dataset_labels(listed), expected)
+    np.testing.assert_array_equal(dataset_labels(Subset(listed, [5, 1, 2])), [2, 1, 2])
+    features = np.zeros((6, 48))
+    np.testing.assert_array_equal(dataset_labels(FeatureImages(features, [4, 0, 4, 1, 1, 9])), [4, 0, 4, 1, 1, 9])
+    tensors = TensorDataset(torch.zeros(4, 3, 2, 2), torch.tensor([3, 1, 3, 0]))
+    np.testing.assert_array_equal(dataset_labels(tensors), [3, 1, 3, 0])
+    assert dataset_labels(UnreadableSome(6)).tolist() == [0, 1, 2, 0, -1, 2]
+    synthetic = build_dataset("synthetic:classes=4,n=3", None, "train", None)
+    np.testing.assert_array_equal(dataset_labels(synthetic), np.repeat(np.arange(4), 3))
 
 
 # -------------------------------------------------------------- synthetic benchmark
@@ -234,19 +442,6 @@ def test_penultimate_features_refuse_another_architecture_or_a_missing_file(tmp_
 # -------------------------------------------------------------- subsets and the cache
 
 
-class IndexImages(Dataset):
-    """Image i is filled with the value i, so 1x1 pixel features read back the index."""
-
-    def __init__(self, size: int = 30) -> None:
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int):
-        return torch.full((3, 4, 4), float(index)), index % 3
-
-
 def _indices(features: np.ndarray) -> np.ndarray:
     return np.rint(features[:, 0]).astype(int)
 
@@ -267,8 +462,16 @@ def test_max_samples_takes_a_seeded_subset_and_n_stays_the_full_length():
     everything, _ = extract_features(dataset, PixelFeatures(1), max_samples=None, progress=False)
     np.testing.assert_array_equal(_indices(everything), np.arange(30))
 
+    # Stratified: 7 of three classes of 10 give 2.33 each, rounded to 3, 2, 2.
+    stratified, labels = extract_features(dataset, PixelFeatures(1), max_samples=7, stratify=True, progress=False)
+    assert np.bincount(labels).tolist() == [3, 2, 2]
+    np.testing.assert_array_equal(_indices(stratified), stratified_indices(np.arange(30) % 3, 7))
+
+    # The target's subset is stratified, the source's twice as large (half fits the basis).
     stats = dataset_statistics(dataset, IndexImages(20), PixelFeatures(1), max_samples=7, progress=False)
-    assert stats["N"] == 30 and stats["samples"] == 7 and stats["source_samples"] == 7
+    assert stats["N"] == 30 and stats["samples"] == 7 and stats["source_samples"] == 14
+    # 7 samples of each side leave k = 7 // 3 = 2 of the 3 dimensions, along directions of the other 7.
+    assert stats["gap_samples"] == 7 and stats["gap_dims"] == 2 and stats["gap_basis_samples"] == 7
 
 
 class CountingPixels(FeatureExtractor):
@@ -302,14 +505,20 @@ def test_cached_features_are_read_back_without_running_the_extractor(tmp_path: P
     assert extractor.calls == calls + 2
     cached_features(cache, extractor, "index:30", "train", dataset, max_samples=10, seed=1, progress=False)
     assert extractor.calls == calls + 3
+    cached_features(cache, extractor, "index:30", "train", dataset, max_samples=10, stratify=True, progress=False)
+    assert extractor.calls == calls + 4
+    resized = IndexImages(30)
+    resized.transform = build_transform(False, 8)  # another input size: other features
+    cached_features(cache, extractor, "index:30", "train", resized, max_samples=10, progress=False)
+    assert extractor.calls == calls + 5
     files = sorted(cache.iterdir())
-    assert len(files) == 4 and all(f.suffix == ".npz" for f in files)  # no temporary files left
+    assert len(files) == 6 and all(f.suffix == ".npz" for f in files)  # no temporary files left
 
     # A damaged cache file is recomputed, not trusted.
     for f in files:
         f.write_bytes(b"not an npz")
     again = cached_features(cache, extractor, "index:30", "train", dataset, max_samples=10, progress=False)
-    assert extractor.calls == calls + 4
+    assert extractor.calls == calls + 6
     np.testing.assert_array_equal(again[0], first[0])
 
 
@@ -321,9 +530,17 @@ def test_dataset_statistics_use_the_cache(tmp_path: Path):
     assert calls > 0
     assert dataset_statistics(target, source, extractor, **kwargs) == first
     assert extractor.calls == calls
-    # Target 0..29 vs source 0..19 (the same value in every dimension): exact known answers.
-    t, s = np.arange(30.0), np.arange(20.0)
-    known_gap = (t.mean() - s.mean()) ** 2 + (t.std(ddof=1) - s.std(ddof=1)) ** 2
-    assert first["G"] == pytest.approx(known_gap, rel=1e-6)
-    known_spread = np.mean([np.var(t[t % 3 == c]) for c in range(3)])
-    assert first["D"] == pytest.approx(known_spread, rel=1e-6)
+    assert first["samples"] == 30 and first["source_samples"] == 20 and first["D_classes"] == 3
+    # Target 0..29 (the same value in every dimension), three classes i % 3: D known exactly.
+    t = np.arange(30.0)
+    assert first["D"] == pytest.approx(np.mean([np.var(t[t % 3 == c], ddof=1) for c in range(3)]), rel=1e-6)
+    # G: a seeded random half of the source against as many target samples, in k = 10 // 3
+    # dimensions along the principal directions of the other half.
+    assert first["gap_samples"] == 10 and first["gap_dims"] == 3 and first["gap_basis_samples"] == 10
+    rng = np.random.default_rng(0)
+    order = rng.permutation(20)
+    as_features = lambda values: np.repeat(np.asarray(values, dtype=float)[:, None], 12, axis=1)
+    expected = gap_estimate(as_features(np.sort(order[10:])), as_features(t),
+                            basis_features=as_features(np.sort(order[:10])), seed=rng)
+    assert first["G"] == pytest.approx(expected["G"], rel=1e-6)
+    assert first["G_uncorrected"] == pytest.approx(expected["uncorrected"], rel=1e-6)
