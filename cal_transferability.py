@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="figure of T per layer (default: %(default)s; .png, .pdf or .svg)")
     parser.add_argument("--no_fig", action="store_true", help="do not draw the figure")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="also print a table of D(theta_r, theta_FB), D(theta_A, theta_FB) and T per layer")
+                        help="also print a table per layer: D(theta_r, theta_FB), D(theta_A, theta_FB), T, and "
+                        "how far pre-training moved it, D(theta_r, theta_A) and the cosine similarity of theta_r "
+                        "and theta_A")
     args = parser.parse_args(argv)
     if args.random_init is None and args.pretrained is None and args.finetuned is None:
         # the training runs' own .last.pth checkpoints lie beside the demo weights
@@ -163,15 +165,34 @@ def _number(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+# Above this median cosine similarity between theta_r and theta_A, pre-training has barely
+# left the initialisation and T is a comparison of two nearly equal starting points.
+COS_INIT_WARNING = 0.5
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def report(result: Transferability, verbose: bool) -> None:
     if verbose:
-        print(f"{'#':>3}  {'layer':<36} {'D(r,FB)':>12} {'D(A,FB)':>12} {'T':>8}  status")
+        print(f"{'#':>3}  {'layer':<36} {'D(r,FB)':>12} {'D(A,FB)':>12} {'T':>8}  {'D(r,A)':>12} "
+              f"{'cos(r,A)':>8}  status")
         for i, layer in enumerate(result.layers, 1):
-            d_r = "-" if layer.d_random is None else f"{layer.d_random:.6g}"
-            d_a = "-" if layer.d_pretrained is None else f"{layer.d_pretrained:.6g}"
-            print(f"{i:>3}  {layer.name:<36} {d_r:>12} {d_a:>12} {layer.transferability:>8.2f}  {layer.status}")
+            print(f"{i:>3}  {layer.name:<36} {_cell(layer.d_random, '.6g'):>12} "
+                  f"{_cell(layer.d_pretrained, '.6g'):>12} {layer.transferability:>8.2f}  "
+                  f"{_cell(layer.d_init, '.6g'):>12} {_cell(layer.cos_init, '.3f'):>8}  {layer.status}")
     print("Layer-wise transferability: ", [_fmt(v) for v in result.values])
     print(f"Overall transferability: {result.overall:.2f}")
+
+
+def warn_if_pretraining_stayed_home(result: Transferability) -> None:
+    """One line on stderr when theta_A is still close to theta_r (see README: when T means something)."""
+    median = result.median_cos_init
+    if math.isfinite(median) and median > COS_INIT_WARNING:
+        print(f"note: theta_A is still close to theta_r (median cosine similarity {median:.2f} over the "
+              f"layers, cos_init with -v); T is only meaningful when pre-training left the initialisation",
+              file=sys.stderr)
 
 
 def results_json(args: argparse.Namespace, arch: str, results: list[tuple[str, str, Transferability]]) -> dict:
@@ -190,6 +211,8 @@ def results_json(args: argparse.Namespace, arch: str, results: list[tuple[str, s
                         "transferability": _number(layer.transferability),
                         "d_random": _number(layer.d_random),
                         "d_pretrained": _number(layer.d_pretrained),
+                        "d_init": _number(layer.d_init),
+                        "cos_init": _number(layer.cos_init),
                         "status": layer.status,
                     }
                     for layer in result.layers
@@ -204,12 +227,13 @@ def results_csv(results: list[tuple[str, str, Transferability]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["finetuned", "label", "overall", "index", "layer", "transferability",
-                     "d_random", "d_pretrained", "status"])
+                     "d_random", "d_pretrained", "d_init", "cos_init", "status"])
+    optional = lambda value: "" if value is None else repr(value)  # noqa: E731
     for path, label, result in results:
         for i, layer in enumerate(result.layers, 1):
             writer.writerow([path, label, repr(result.overall), i, layer.name, repr(layer.transferability),
-                             "" if layer.d_random is None else repr(layer.d_random),
-                             "" if layer.d_pretrained is None else repr(layer.d_pretrained), layer.status])
+                             optional(layer.d_random), optional(layer.d_pretrained), optional(layer.d_init),
+                             optional(layer.cos_init), layer.status])
     return out.getvalue()
 
 
@@ -239,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{where}: tensor {err.key} holds NaN or Inf; the checkpoint is broken") from None
         report(result, args.verbose)
         results.append((path, label, result))
+    if results:
+        warn_if_pretraining_stayed_home(results[0][2])  # theta_r and theta_A are the same for every -b
 
     writers = []
     if "--json" in outputs:

@@ -9,6 +9,7 @@ from .transferability import (
     Transferability,
     TransferabilityMeter,
     abs_diff_sums,
+    cosine_similarity,
     layerwise_transferability,
     overall_transferability,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "Transferability",
     "TransferabilityMeter",
     "abs_diff_sums",
+    "cosine_similarity",
     "layerwise_transferability",
     "overall_transferability",
 ]

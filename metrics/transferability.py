@@ -7,6 +7,13 @@ takes the mean of its tensors' distances on each side before the ratio. The over
 transferability is the mean of T_l over the points that are neither the head (1.0 by
 definition: fine-tuning replaces it) nor frozen (D(theta_A, theta_FB) = 0, T = inf).
 
+Diagnostics of pre-training, per point: ``d_init`` = D(theta_r, theta_A), how far
+pre-training moved the point, and ``cos_init`` = the cosine similarity of theta_r and
+theta_A (the mean over the point's tensors). T compares fine-tuning's end point with two
+starting points; when pre-training barely left the initialisation (``cos_init`` near 1),
+theta_r and theta_A are nearly the same point and T says little about what pre-training
+learned.
+
 Everything here is a pure function of state dicts. Sums of absolute differences are
 accumulated in float64, in cache-sized chunks on the CPU, so the cost is one pass over
 each file's bytes and no full-size temporary is ever made.
@@ -49,6 +56,8 @@ class LayerResult:
     d_pretrained: float | None  # D(theta_A, theta_FB); None for the head
     transferability: float
     status: str  # "layer", "head" or "frozen"
+    d_init: float | None = None  # D(theta_r, theta_A): how far pre-training moved it; None for the head
+    cos_init: float | None = None  # cosine similarity of theta_r and theta_A (mean over tensors); None for the head
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,23 @@ class Transferability:
     @property
     def values(self) -> list[float]:
         return [layer.transferability for layer in self.layers]
+
+    @property
+    def median_cos_init(self) -> float:
+        """Median over the non-head points of ``cos_init`` (NaN when there is none)."""
+        values = sorted(layer.cos_init for layer in self.layers
+                        if layer.cos_init is not None and math.isfinite(layer.cos_init))
+        if not values:
+            return math.nan
+        middle = len(values) // 2
+        return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b> / (|a| |b|) of two flattened tensors, accumulated in float64; NaN when either is 0."""
+    a64, b64 = a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64)
+    norms = float(a64.norm()) * float(b64.norm())
+    return float(a64 @ b64) / norms if norms > 0 else math.nan
 
 
 def overall_transferability(values: Sequence[float], is_head: Sequence[bool]) -> float:
@@ -115,6 +141,16 @@ class TransferabilityMeter:
                     raise KeyError(f"tensor {key} is missing from theta_{role}")
         self.theta_r = {k: theta_r[k].to(self.device, non_blocking=True) for k in self.keys}
         self.theta_a = {k: theta_a[k].to(self.device, non_blocking=True) for k in self.keys}
+        self.init = {group.name: self._pretraining_moved(group) for group in self.groups if not group.is_head}
+
+    def _pretraining_moved(self, group: LayerGroup) -> tuple[float, float]:
+        """(D(theta_r, theta_A), mean cosine similarity of theta_r and theta_A) of one point."""
+        distances, cosines = [], []
+        for key in group.keys:
+            r, a = self.theta_r[key], self.theta_a[key]
+            distances.append(float(abs_diff_sums(a, [r], self.chunk)[0]) / max(a.numel(), 1))
+            cosines.append(cosine_similarity(r, a))
+        return math.fsum(distances) / len(distances), math.fsum(cosines) / len(cosines)
 
     def _sums(self, key: str, target: torch.Tensor) -> torch.Tensor:
         refs = (self.theta_r[key], self.theta_a[key])
@@ -144,10 +180,11 @@ class TransferabilityMeter:
                 continue
             d_r = math.fsum(distance[k][0] for k in group.keys) / len(group.keys)
             d_a = math.fsum(distance[k][1] for k in group.keys) / len(group.keys)
+            d_init, cos_init = self.init[group.name]
             if d_a == 0.0:
-                layers.append(LayerResult(group.name, d_r, d_a, math.inf, FROZEN))
+                layers.append(LayerResult(group.name, d_r, d_a, math.inf, FROZEN, d_init, cos_init))
             else:
-                layers.append(LayerResult(group.name, d_r, d_a, d_r / d_a, LAYER))
+                layers.append(LayerResult(group.name, d_r, d_a, d_r / d_a, LAYER, d_init, cos_init))
         frozen = [layer.name for layer in layers if layer.status == FROZEN]
         if frozen:
             warnings.warn(

@@ -296,7 +296,10 @@ def test_valid_trio_prints_the_seed_format(cal_cli, tiny_trio):
         "Layer-wise transferability:  [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 1.0]",
         "Overall transferability: 3.00",
     ]
-    assert result.err == ""
+    # the tiny trio's theta_A is theta_r plus a small step, so the diagnostic note is the only other output
+    assert result.err.splitlines() == [
+        "note: theta_A is still close to theta_r (median cosine similarity 0.97 over the layers, cos_init with -v); "
+        "T is only meaningful when pre-training left the initialisation"]
 
 
 def test_json_output_schema_and_values(cal_cli, tiny_trio, tmp_path):
@@ -314,13 +317,19 @@ def test_json_output_schema_and_values(cal_cli, tiny_trio, tmp_path):
     layers = entry["layers"]
     assert [layer["name"] for layer in layers] == RESNET20_POINTS
     for layer in layers:
-        assert set(layer) == {"name", "transferability", "d_random", "d_pretrained", "status"}
+        assert set(layer) == {"name", "transferability", "d_random", "d_pretrained", "d_init", "cos_init", "status"}
     head = layers[-1]
-    assert head == {"name": "fc", "transferability": 1.0, "d_random": None, "d_pretrained": None, "status": "head"}
+    assert head == {"name": "fc", "transferability": 1.0, "d_random": None, "d_pretrained": None,
+                    "d_init": None, "cos_init": None, "status": "head"}
     # Distances by hand: theta_B - theta_A = delta and theta_B - theta_r = 3 delta.
     stem_d = tiny_trio.delta["conv1.weight"].abs().double().mean().item()
     assert layers[0]["d_pretrained"] == pytest.approx(stem_d, rel=1e-4)
     assert layers[0]["d_random"] == pytest.approx(3 * stem_d, rel=1e-4)
+    # theta_A - theta_r = 2 delta: how far pre-training moved the stem, and the cosine of the two
+    assert layers[0]["d_init"] == pytest.approx(2 * stem_d, rel=1e-4)
+    r, a = tiny_trio.theta_a["conv1.weight"] - 2 * tiny_trio.delta["conv1.weight"], tiny_trio.theta_a["conv1.weight"]
+    cosine = torch.nn.functional.cosine_similarity(r.flatten().double(), a.flatten().double(), dim=0).item()
+    assert layers[0]["cos_init"] == pytest.approx(cosine, abs=1e-5)
     block = [tiny_trio.delta[f"layer2.0.conv{i}.weight"].abs().double().mean().item() for i in (1, 2)]
     assert layers[4]["d_pretrained"] == pytest.approx(sum(block) / 2, rel=1e-4)  # downsample not counted
     for layer in layers[:-1]:
@@ -350,7 +359,8 @@ def test_two_finetuned_checkpoints_give_two_results_csv_rows_and_one_png(cal_cli
     with open(out / "r.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["finetuned", "label", "overall", "index", "layer", "transferability",
-                             "d_random", "d_pretrained", "status"]
+                             "d_random", "d_pretrained", "d_init", "cos_init", "status"]
+    assert rows[0]["d_init"] == rows[11]["d_init"] != "" and rows[10]["cos_init"] == ""  # per pair, not per -b
     assert len(rows) == 2 * len(RESNET20_POINTS)
     assert [(r["label"], int(r["index"]), r["layer"]) for r in rows] == [
         (label, i, name) for label in ("cifar10", "dtd") for i, name in enumerate(RESNET20_POINTS, 1)]
@@ -473,3 +483,47 @@ def test_script_prints_warnings_on_stderr(script_runs):
     assert "layer3.0" in warning_lines[1] and "inf" in warning_lines[1]
     assert "Layer-wise transferability:  [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, inf, 3.0, 3.0, 1.0]" in proc.stdout
     assert "Overall transferability: 3.00" in proc.stdout
+
+
+# --------------------------------- training scripts: the augmentation flags (engine.py)
+
+
+TRAINING_SCRIPT = "pretrain_on_ImageNet.py"
+TRAINING_REFUSALS = {  # case: (flags, how the error line starts after "error: ")
+    "jitter_below_zero": (["--color_jitter", "-0.1"], "--color_jitter -0.1: must be between 0"),
+    "jitter_above_one": (["--color_jitter", "2"], "--color_jitter 2.0: must be between 0"),
+    "pil_with_cache_on": (["--augment", "pil", "--cache", "on"], "--cache on: --augment pil"),
+}
+
+
+@pytest.fixture(scope="module")
+def training_refusals(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """``python pretrain_on_ImageNet.py`` on a tiny synthetic task with each bad flag, each
+    writing into its own empty folder; started together, as ``script_runs``."""
+    root = tmp_path_factory.mktemp("training_refusals")
+    started = {}
+    for name, (flags, _) in TRAINING_REFUSALS.items():
+        folder = root / name
+        folder.mkdir()
+        argv = ["--dataset", "synthetic:source,classes=4,n=8,n_val=2,size=16", "--arch", "resnet20",
+                "--device", "cpu", "--max_epoch", "1", "-r", str(folder / "r.pth"), "-a", str(folder / "a.pth"),
+                *flags]
+        started[name] = (subprocess.Popen([sys.executable, TRAINING_SCRIPT, *argv], cwd=REPO, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True), folder)
+    runs = {}
+    for name, (popen, folder) in started.items():
+        out, err = popen.communicate(timeout=120)
+        runs[name] = (subprocess.CompletedProcess(popen.args, popen.returncode, out, err), folder)
+    return runs
+
+
+@pytest.mark.parametrize("case", list(TRAINING_REFUSALS))
+def test_training_script_refuses_bad_augmentation_flags(training_refusals, case):
+    """Exit 2, one ``prog: error: --flag value: ...`` line, no traceback, nothing written."""
+    proc, folder = training_refusals[case]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{TRAINING_SCRIPT}: error: {TRAINING_REFUSALS[case][1]}"), lines
+    assert proc.stdout == ""
+    assert list(folder.iterdir()) == []

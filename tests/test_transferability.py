@@ -231,3 +231,31 @@ def test_gpu_and_cpu_agree():
         if c.d_random is not None:
             assert g.d_random == pytest.approx(c.d_random, rel=1e-6)
             assert g.d_pretrained == pytest.approx(c.d_pretrained, rel=1e-6)
+
+
+# ------------------------------------------------------------------ pretraining diagnostics
+
+
+def test_how_far_pretraining_moved_each_point():
+    """d_init = D(theta_r, theta_A) and cos_init = the cosine of theta_r and theta_A, per point
+    (the mean over its tensors), by hand: theta_A = -theta_r, 2 theta_r and an orthogonal tensor."""
+    from metrics import cosine_similarity
+
+    r1, r2 = torch.tensor([[1.0, -2.0], [3.0, 0.5]]), torch.tensor([[0.5, 1.0], [-1.0, 2.0]])
+    orthogonal = torch.tensor([[2.0, 1.0], [-0.5, 0.0]])
+    orthogonal = orthogonal - (orthogonal * r1).sum() / (r1 * r1).sum() * r1  # Gram-Schmidt against r1
+    theta_r = {"a.weight": r1, "b.weight": r2, "c.weight": r1, "head.weight": torch.ones(2, 2)}
+    theta_a = {"a.weight": -r1, "b.weight": 2 * r2, "c.weight": orthogonal, "head.weight": torch.zeros(2, 2)}
+    theta_b = {k: v + 0.1 for k, v in theta_a.items()}
+    groups = [LayerGroup("a", ("a.weight",), False), LayerGroup("bc", ("b.weight", "c.weight"), False),
+              LayerGroup("head", ("head.weight",), True)]
+    result = layerwise_transferability(groups, theta_r, theta_a, theta_b)
+    a, bc, head = result.layers
+    assert a.cos_init == pytest.approx(-1.0, abs=1e-12)
+    assert a.d_init == pytest.approx((2 * r1).abs().mean().item(), rel=1e-12)
+    assert cosine_similarity(r1, orthogonal) == pytest.approx(0.0, abs=1e-7)
+    assert bc.cos_init == pytest.approx((1.0 + 0.0) / 2, abs=1e-7)
+    assert bc.d_init == pytest.approx((r2.abs().mean().item() + (orthogonal - r1).abs().mean().item()) / 2, rel=1e-6)
+    assert head.d_init is None and head.cos_init is None
+    assert result.median_cos_init == pytest.approx((-1.0 + 0.5) / 2, abs=1e-7)
+    assert math.isnan(cosine_similarity(torch.zeros(3), torch.ones(3)))
