@@ -22,8 +22,10 @@ import functools
 import hashlib
 import json
 import math
+import os
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -34,6 +36,14 @@ from utils import UserError, run_cli, write_atomically
 ARCH = "resnet20"
 
 
+# Bumped whenever the training recipe changes the numbers a run produces (augmentation,
+# head initialisation, ...): part of every run's cache key, so no stale run is reused.
+RECIPE = "recipe-2"
+# sum over pre-training steps of lr x weight decay for the seed's ImageNet run: 5005 steps per
+# epoch (batch 256), 40 epochs each at lr 0.1, 0.01 and 0.001, weight decay 1e-4
+IMAGENET_LR_WD_BUDGET = 5005 * 40 * (0.1 + 0.01 + 0.001) * 1e-4
+
+
 @dataclass(frozen=True)
 class Study:
     """Everything that decides the study's numbers (and so its cache keys)."""
@@ -42,11 +52,13 @@ class Study:
     pretrain_epochs: int
     pretrain_lr_step: int
     target: dict  # base target task: classes, n, n_val, gap, var, size
-    levels: dict  # knob -> the values it takes while the others stay at the base
+    levels: dict  # knob -> the values it takes while the others stay at the base ("lr": fine-tuning lr)
     seeds: tuple  # one target task (its classes) and one fine-tuning seed each
     finetune_epochs: int
     pretrain_lr: float = 0.1
-    finetune_lr: float = 0.01
+    pretrain_weight_decay: float = 1e-4
+    finetune_lr: float = 0.01  # the seed's
+    finetune_weight_decay: float = 1e-4  # the seed's
     batch_size: int = 128
     max_samples: int = 1000  # images per dataset for G and D
     arch: str = ARCH
@@ -54,41 +66,85 @@ class Study:
 
 
 PRESETS = {
-    "default": Study(
-        source="source,classes=100,n=100,n_val=10", pretrain_epochs=20, pretrain_lr_step=8,
-        target={"classes": 10, "n": 100, "n_val": 50, "gap": 0.5, "var": 0.3, "size": 32},
-        levels={"gap": (0.0, 0.25, 0.5, 0.75, 1.0), "var": (0.1, 0.3, 0.6, 1.0), "n": (25, 50, 100, 200)},
+    # The paper's regime: pre-training that leaves the initialisation (a lr x weight-decay
+    # budget close to 120 ImageNet epochs), a source task harder than the targets, targets
+    # that do not saturate, the seed's fine-tuning recipe at several learning rates.
+    "paper": Study(
+        source="source,classes=200,n=150,n_val=10,var=0.5", pretrain_epochs=45, pretrain_lr_step=15,
+        pretrain_weight_decay=5e-3,
+        target={"classes": 20, "n": 100, "n_val": 50, "gap": 0.5, "var": 0.6, "size": 32},
+        levels={"gap": (0.0, 0.5, 1.0), "var": (0.4, 0.6, 1.0), "n": (50, 100, 200), "lr": (0.003, 0.01, 0.03)},
         seeds=(1, 2, 3), finetune_epochs=30),
+    # A check of the whole pipeline in minutes; its pre-training is far shorter than the
+    # paper's, so its verdicts are not evidence.
     "quick": Study(
-        source="source,classes=30,n=100,n_val=10", pretrain_epochs=10, pretrain_lr_step=4,
-        target={"classes": 10, "n": 50, "n_val": 30, "gap": 0.5, "var": 0.3, "size": 32},
-        levels={"gap": (0.0, 0.5, 1.0), "var": (0.1, 0.3, 1.0), "n": (20, 50, 120)},
-        seeds=(1, 2, 3), finetune_epochs=10, max_samples=500),
+        source="source,classes=50,n=100,n_val=10,var=0.5", pretrain_epochs=12, pretrain_lr_step=4,
+        pretrain_weight_decay=5e-3,
+        target={"classes": 10, "n": 60, "n_val": 30, "gap": 0.5, "var": 0.6, "size": 32},
+        levels={"gap": (0.0, 1.0), "var": (0.4, 1.0), "n": (30, 120), "lr": (0.003, 0.03)},
+        seeds=(1, 2), finetune_epochs=10, max_samples=500),
     # A few seconds: for the test suite, not for conclusions.
     "tiny": Study(
         source="source,classes=6,n=12,n_val=4,size=16", pretrain_epochs=1, pretrain_lr_step=1,
         target={"classes": 3, "n": 8, "n_val": 4, "gap": 0.5, "var": 0.3, "size": 16},
-        levels={"gap": (0.0, 1.0), "var": (0.1, 1.0), "n": (4, 16)},
+        levels={"gap": (0.0, 1.0), "var": (0.1, 1.0), "n": (4, 16), "lr": (0.003,)},
         seeds=(1,), finetune_epochs=1, batch_size=16, max_samples=64),
 }
+DEFAULT_PRESET = "paper"
+KNOBS = {"gap": "domain gap", "var": "intraclass variance", "n": "images per class", "lr": "fine-tuning lr"}
+
+
+def source_images(study: Study) -> int:
+    from data.synthetic import parse_options
+
+    config = parse_options(study.source)
+    return config.classes * config.n
+
+
+def pretraining_budget(study: Study) -> float:
+    """sum over pre-training steps of lr x weight decay (the step schedule divides the lr by
+    10 every ``pretrain_lr_step`` epochs)."""
+    steps = math.ceil(source_images(study) / study.batch_size)
+    return steps * study.pretrain_weight_decay * sum(
+        study.pretrain_lr * 0.1 ** (epoch // study.pretrain_lr_step) for epoch in range(study.pretrain_epochs))
 
 
 def digest(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:10]
 
 
-def target_configs(study: Study) -> list[tuple[str, dict]]:
-    """``(name, options)`` for the base target and every level of every knob, once each.
+@dataclass(frozen=True)
+class Target:
+    """One point of the grid: a target task and the fine-tuning learning rate."""
 
-    The base target comes first, named ``base``; the others are named by the knob that
-    differs from it, e.g. ``gap=0.25``.
+    name: str  # "base", or the knob that differs from the base and its value, e.g. "gap=0.25"
+    knob: str | None  # None for the base
+    options: dict  # synthetic target options
+    lr: float
+
+
+def target_configs(study: Study) -> list[Target]:
+    """The base target and every level of every knob, once each.
+
+    The base (the study's target at its fine-tuning lr) comes first, named ``base``; the
+    others are named by the knob that differs from it, e.g. ``gap=0.25`` or ``lr=0.003``.
     """
-    configs: dict[str, tuple[str, dict]] = {json.dumps(study.target, sort_keys=True): ("base", dict(study.target))}
+    base = Target("base", None, dict(study.target), study.finetune_lr)
+    targets = {json.dumps([base.options, base.lr], sort_keys=True): base}
     for knob, values in study.levels.items():
         for value in values:
-            options = {**study.target, knob: value}
-            configs.setdefault(json.dumps(options, sort_keys=True), (f"{knob}={value}", options))
-    return list(configs.values())
+            options = dict(study.target) if knob == "lr" else {**study.target, knob: value}
+            lr = float(value) if knob == "lr" else study.finetune_lr
+            targets.setdefault(json.dumps([options, lr], sort_keys=True), Target(f"{knob}={value}", knob, options, lr))
+    return list(targets.values())
+
+
+def knob_levels(study: Study, knob: str) -> list[Target]:
+    """The targets of one knob's panel, in the order of its levels (the base among them)."""
+    base = target_configs(study)[0]
+    value_of = {"lr": lambda t: t.lr}.get(knob, lambda t: t.options[knob])
+    by_value = {value_of(t): t for t in target_configs(study) if t.knob in (None, knob)}
+    return [by_value[v] if v in by_value else base for v in study.levels[knob]]
 
 
 def dataset_option(options: dict, seed: int) -> str:
@@ -111,22 +167,32 @@ def quiet(path: Path):
 def pretrain(study: Study, out: Path, device: str) -> Path:
     import pretrain_on_ImageNet
 
-    run = out / f"pretrain-{digest([study.source, study.pretrain_epochs, study.pretrain_lr_step, study.pretrain_lr, study.batch_size, study.arch])}"
+    key = [RECIPE, study.source, study.pretrain_epochs, study.pretrain_lr_step, study.pretrain_lr,
+           study.pretrain_weight_decay, study.batch_size, study.arch, device_kind(device)]
+    run = out / f"pretrain-{digest(key)}"
     done = run / "done.json"
     if done.exists():
         return run
     run.mkdir(parents=True, exist_ok=True)
     last = run / "a.last.pth"
     argv = ["--dataset", f"synthetic:{study.source}", "--arch", study.arch, "--max_epoch", str(study.pretrain_epochs),
-            "--lr_step", str(study.pretrain_lr_step), "--lr", str(study.pretrain_lr), "--batch_size", str(study.batch_size),
+            "--lr_step", str(study.pretrain_lr_step), "--lr", str(study.pretrain_lr),
+            "--weight_decay", str(study.pretrain_weight_decay), "--batch_size", str(study.batch_size),
             "--seed", "0", "--device", device, "-r", str(run / "r.pth"), "-a", str(run / "a.pth")]
     argv += ["--resume", str(last)] if last.exists() else ["--overwrite"]
+    tick = time.perf_counter()
     with quiet(run / "train.out"):
         status = pretrain_on_ImageNet.main(argv)
     if status != 0:
         raise UserError(f"pre-training stopped (status {status}); run reproduce.py again to resume it")
-    write_atomically(done, lambda f: f.write(json.dumps({"study": asdict(study)}, default=list)), "w")
+    seconds = time.perf_counter() - tick  # of the call that finished it (a resumed run: its last part)
+    write_atomically(done, lambda f: f.write(json.dumps({"study": asdict(study), "seconds": seconds}, default=list)), "w")
     return run
+
+
+def device_kind(device: str) -> str:
+    """What of the device changes a run's numbers: its type (cpu or cuda), not its index."""
+    return str(device).split(":")[0]
 
 
 @functools.lru_cache(maxsize=2)
@@ -151,158 +217,255 @@ def pretrained_tools(arch: str, pretrained: Path, device: str):
     return meter, PenultimateFeatures(arch, pretrained / "a.pth")
 
 
-def finetune_and_measure(study: Study, pretrained: Path, name: str, options: dict, seed: int, out: Path,
-                         device: str) -> dict:
-    """Fine-tune one target, then measure T and N, G, D; cached in the run's result.json."""
+def finetune_and_measure(study: Study, pretrained: Path, target: Target, seed: int, out: Path, device: str) -> dict:
+    """Fine-tune one target with one seed, then measure T; cached in the run's result.json."""
     import finetune
-    from data import build_dataset, build_transform
-    from metrics.dataset_stats import dataset_statistics
-    from utils import load_state_dict_safely, resolve_device
+    from utils import load_state_dict_safely
 
-    dataset = dataset_option(options, seed)
-    key = digest([pretrained.name, dataset, study.finetune_epochs, study.finetune_lr, study.batch_size,
-                  study.max_samples, seed])
-    run = out / "finetune" / f"{name}-seed{seed}-{key}"
+    dataset = dataset_option(target.options, seed)
+    key = digest([RECIPE, pretrained.name, dataset, study.finetune_epochs, target.lr, study.finetune_weight_decay,
+                  study.batch_size, seed, device_kind(device), "amp-off"])
+    run = out / "finetune" / f"{target.name}-seed{seed}-{key}"
     result_path = run / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
     run.mkdir(parents=True, exist_ok=True)
     b, last = run / "b.pth", run / "b.last.pth"
     argv = ["--dataset", dataset, "-a", str(pretrained / "a.pth"), "-b", str(b), "--arch", study.arch,
-            "--max_epoch", str(study.finetune_epochs), "--lr", str(study.finetune_lr),
-            "--batch_size", str(study.batch_size), "--seed", str(seed), "--device", device]
+            "--max_epoch", str(study.finetune_epochs), "--lr", str(target.lr),
+            "--weight_decay", str(study.finetune_weight_decay), "--batch_size", str(study.batch_size),
+            "--seed", str(seed), "--device", device]
     argv += ["--resume", str(last)] if last.exists() else ["--overwrite"]
+    tick = time.perf_counter()
     with quiet(run / "train.out"):
         status = finetune.main(argv)
     if status != 0:
-        raise UserError(f"fine-tuning {name} (seed {seed}) stopped (status {status}); run reproduce.py again to resume")
-
-    meter, extractor = pretrained_tools(study.arch, pretrained, device)
+        raise UserError(f"fine-tuning {target.name} (seed {seed}) stopped (status {status}); "
+                        "run reproduce.py again to resume")
+    seconds = time.perf_counter() - tick
+    meter, _ = pretrained_tools(study.arch, pretrained, device)
     transfer = meter(load_state_dict_safely(b))
-    size = options["size"]
-    target = build_dataset(dataset, None, "train", build_transform(False, size))
-    stats = dataset_statistics(target, source_split(study.source, size), extractor,
-                               max_samples=study.max_samples, cache_dir=out / "cache", target_key=dataset,
-                               source_key=f"synthetic:{study.source}", device=resolve_device(device), seed=0,
-                               progress=False)
     history = [json.loads(line) for line in (run / "b.log.jsonl").read_text().splitlines()]
+    best = max(history, key=lambda entry: entry["val_acc"])
     result = {
-        "name": name, "seed": seed, "dataset": dataset, "options": options,
-        "N": stats["N"], "G": stats["G"], "D": stats["D"], "T": transfer.overall,
+        "name": target.name, "knob": target.knob, "seed": seed, "dataset": dataset, "options": target.options,
+        "lr": target.lr, "T": transfer.overall,
         "layers": [layer.transferability for layer in transfer.layers],
         "layer_names": [layer.name for layer in transfer.layers],
-        "best_val_acc": max(entry["val_acc"] for entry in history),
+        "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "final_train_acc": history[-1]["train_acc"],
+        "seconds": seconds,
     }
     write_atomically(result_path, lambda f: f.write(json.dumps(result, indent=2)), "w")
     return result
 
 
+def measure_dataset(study: Study, pretrained: Path, options: dict, seed: int, out: Path, device: str) -> dict:
+    """N, G and D of one target task (features of theta_A, cached under OUT/cache)."""
+    from data import build_dataset, build_transform
+    from metrics.dataset_stats import dataset_statistics
+    from utils import resolve_device
+
+    _, extractor = pretrained_tools(study.arch, pretrained, device)
+    dataset = dataset_option(options, seed)
+    size = options["size"]
+    target = build_dataset(dataset, None, "train", build_transform(False, size))
+    return dataset_statistics(target, source_split(study.source, size), extractor, max_samples=study.max_samples,
+                              cache_dir=out / "cache", target_key=dataset, source_key=f"synthetic:{study.source}",
+                              device=resolve_device(device), seed=0, progress=False)
+
+
 # ----------------------------------------------------------------------- the findings
 
 
-def depth_trend(values: list[float]) -> float:
-    """Spearman rank correlation of T with depth over the non-head points (head: the last,
-    1.0 by definition). Negative: T falls with depth, as the consensus the paper questions says."""
-    from scipy.stats import spearmanr
-
-    points = [v for v in values[:-1] if math.isfinite(v)]
-    if len(points) < 3:
-        return math.nan
-    return float(spearmanr(range(len(points)), points).statistic)
+SIGNIFICANCE = 0.05
 
 
-DECREASING = -0.5  # a curve counts as decreasing when its depth trend is at most this
-
-
-def findings(fit, runs: list[dict]) -> list[dict]:
-    """The paper's two findings, each with a verdict for this study and the numbers behind it."""
+def finding1(fit) -> dict:
+    """Verdict on "domain gap has a smaller effect than intraclass variance and data amount",
+    from the standardised coefficients of ln T and their p values. A G whose coefficient is
+    not significant is reported as "no detectable effect of G", not as support; a G that is
+    significant and the smallest of the three in magnitude supports the claim."""
     std = fit.standardized.coefficients
     p = fit.standardized.p_values
     gap, var, amount = abs(std["G"]), abs(std["D"]), abs(std["log_N"])
-    first = {
+    smallest = gap < var and gap < amount
+    if p["G"] >= SIGNIFICANCE:
+        verdict = "no detectable effect of G"
+    else:
+        verdict = "supported" if smallest else "not supported"
+    return {
         "claim": "Domain gap has a smaller effect on transferability than the downstream intraclass "
                  "variance and data amount.",
-        "supported": gap < var and gap < amount,
-        "evidence": (f"standardised coefficients of ln T: G {std['G']:+.3f} (p = {p['G']:.3g}), "
-                     f"D {std['D']:+.3f} (p = {p['D']:.3g}), ln N {std['log_N']:+.3f} (p = {p['log_N']:.3g}); "
-                     f"|G| = {gap:.3f} is {'the smallest' if gap < var and gap < amount else 'not the smallest'}"),
+        "verdict": verdict,
+        "evidence": (f"standardised coefficients of ln T: G {std['G']:+.3f} (p = {p['G']:.2g}), "
+                     f"D {std['D']:+.3f} (p = {p['D']:.2g}), ln N {std['log_N']:+.3f} (p = {p['log_N']:.2g}); "
+                     f"|G| is {'the smallest' if smallest else 'not the smallest'}; R^2 = {fit.r2:.2f}, n = {fit.n}"),
     }
-    trends = [depth_trend(run["layers"]) for run in runs]
-    trends = [t for t in trends if math.isfinite(t)]
-    decreasing = sum(t <= DECREASING for t in trends)
-    share = decreasing / len(trends) if trends else math.nan
-    second = {
+
+
+def finding2_verdict(runs: list[dict]) -> tuple[dict, list]:
+    from metrics.curve_shape import curve_shape, finding2
+
+    shapes = [curve_shape(run["layers"]) for run in runs]
+    verdict = finding2(shapes)
+    return {
         "claim": "Most of the layer-wise transferabilities are not decreasing with depth.",
-        "supported": bool(trends) and share < 0.5,
-        "evidence": (f"{decreasing} of {len(trends)} fine-tuned runs ({share:.0%}) have a decreasing curve "
-                     f"(Spearman correlation of T with depth <= {DECREASING}); median correlation "
-                     f"{statistics.median(trends):+.2f}" if trends else "no curve with 3 or more points"),
-    }
-    return [first, second]
+        "verdict": "supported" if verdict.supported else "not supported",
+        "evidence": verdict.summary(),
+        "statistics": verdict.as_dict(),
+    }, shapes
+
+
+def paper_baseline() -> dict:
+    """The same two verdicts on the paper's own data: its ResNet-50 table (finding 1) and
+    its ResNet-50 layer-wise curves (finding 2)."""
+    from metrics.curve_shape import finding2, read_paper_curves, shape_table
+    from metrics.regression import fit_log_transferability, read_table
+
+    here = Path(__file__).resolve().parent / "data"
+    fit = fit_log_transferability(read_table(here / "paper_table.csv"))
+    shapes = shape_table(read_paper_curves(here / "paper_curves.csv"))
+    verdict = finding2(shape for _, shape in shapes)
+    return {"fit": fit, "finding1": finding1(fit), "shapes": shapes,
+            "finding2": {"verdict": "supported" if verdict.supported else "not supported",
+                         "evidence": verdict.summary(), "statistics": verdict.as_dict()}}
 
 
 # --------------------------------------------------------------------------- the report
 
 
-def mean_std(values: list[float]) -> str:
+def spread(values: list[float], digits: int) -> str:
+    """``mean ± sample std`` (just the value for one)."""
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def report_markdown(study: Study, preset: str, runs: list[dict], fit, verdicts: list[dict], figures: dict) -> str:
+def machine_line(elapsed: float, device: str) -> str:
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"{cpu}, {os.cpu_count()} cores"
+    return (f"torch {torch.__version__}, Python {platform.python_version()}, {device} ({where}); "
+            f"this call {elapsed / 60:.1f} min")
+
+
+def report_markdown(study: Study, preset: str, runs: list[dict], stats: dict, fit, verdicts: list[dict],
+                    shapes: list, paper: dict, diagnostics: dict, figures: dict, timing: dict) -> str:
     from metrics.regression import format_fit
 
     lines = [
         "# Transferability study on the synthetic benchmark", "",
         f"Preset `{preset}`: {study.arch} pre-trained on `synthetic:{study.source}` for {study.pretrain_epochs} "
-        f"epochs, fine-tuned for {study.finetune_epochs} epochs on synthetic targets that vary one knob at a time "
-        f"around {json.dumps(study.target)}, seeds {list(study.seeds)}. "
-        f"G and D use theta_A's penultimate features of up to {study.max_samples} images per dataset.", "",
+        f"epochs (SGD, lr {study.pretrain_lr:g} divided by 10 every {study.pretrain_lr_step} epochs, weight decay "
+        f"{study.pretrain_weight_decay:g}, batch {study.batch_size}), fine-tuned with the seed's recipe (SGD, cosine "
+        f"schedule, weight decay {study.finetune_weight_decay:g}, batch {study.batch_size}) for "
+        f"{study.finetune_epochs} epochs on synthetic targets that vary one knob at a time around "
+        f"`{json.dumps(study.target)}` at lr {study.finetune_lr:g}; seeds {list(study.seeds)} (each seed is "
+        f"another target task and another fine-tuning run). G and D use theta_A's penultimate features "
+        f"of up to {study.max_samples} images per data set.", "",
+        f"Run: {timing['machine']}; compute in the cached runs: pre-training {timing['pretrain']}, fine-tuning "
+        f"{timing['finetune'] / 60:.1f} min over {len(runs)} runs.", "",
+        "## Did pre-training leave the initialisation?", "",
+        f"sum of lr x weight decay over pre-training: {diagnostics['budget']:.2f} (the seed's 120 ImageNet epochs: "
+        f"{IMAGENET_LR_WD_BUDGET:.2f}); best source validation accuracy {diagnostics['source_acc']:.1f} %. "
+        f"Per layer, D(theta_r, theta_A) and the cosine similarity of theta_r and theta_A (median "
+        f"{diagnostics['median_cos']:.3f}; 1 would mean pre-training did not move the weights' direction):", "",
+        "layer | " + " | ".join(diagnostics["names"]),
+        "--- | " + " | ".join(":---:" for _ in diagnostics["names"]),
+        "d_init | " + " | ".join(f"{v:.3g}" for v in diagnostics["d_init"]),
+        "cos_init | " + " | ".join(f"{v:.3f}" for v in diagnostics["cos_init"]), "",
         "## Table (the paper's Section 3 format)", "",
-        "Dataset | Domain gap G | Intraclass variance D | Data amount N | Transferability T (mean ± std over seeds)",
-        "--- |:---:|:---:|:---:|:---:",
+        "Mean ± standard deviation over the seeds. Best validation accuracy: the fine-tuned run's best epoch "
+        "(the weights T is measured on).", "",
+        "Target | lr | Domain gap G | Intraclass variance D | Data amount N | Transferability T | Best val. acc. (%)",
+        "--- |:---:|:---:|:---:|:---:|:---:|:---:",
     ]
-    by_name: dict[str, list[dict]] = {}
-    for run in runs:
-        by_name.setdefault(run["name"], []).append(run)
-    for name, group in by_name.items():
-        lines.append(f"{name} | {statistics.mean(r['G'] for r in group):.4g} | "
-                     f"{statistics.mean(r['D'] for r in group):.4g} | {group[0]['N']:,} | "
-                     f"{mean_std([r['T'] for r in group])}")
-    lines += ["", "## Regression", "",
-              f"Ordinary least squares over all {fit.n} fine-tuned runs (`study_table.csv`; "
-              "`python analyze.py regress study_table.csv` gives the same):", "", "```",
+    for name, group in group_runs(runs).items():
+        g = [stats[r["dataset"]]["G"] for r in group]
+        d = [stats[r["dataset"]]["D"] for r in group]
+        lines.append(f"{name} | {group[0]['lr']:g} | {spread(g, 3)} | {spread(d, 3)} | "
+                     f"{stats[group[0]['dataset']]['N']:,} | {spread([r['T'] for r in group], 2)} | "
+                     f"{spread([r['best_val_acc'] for r in group], 1)}")
+    accs = [r["best_val_acc"] for r in runs]
+    lines += ["", f"Best validation accuracy over all runs: {min(accs):.1f} to {max(accs):.1f} %.", ""]
+    lines += ["## Regression", "",
+              f"Ordinary least squares over the {fit.n} runs at the seed's fine-tuning lr {study.finetune_lr:g} "
+              "(`study_table.csv`; `python analyze.py regress study_table.csv` gives the same; the runs of the "
+              "lr knob are left out, since lr is not a data set property):", "", "```",
               format_fit(fit, title="ln T = a G + b D + c ln N + d"), "```", "",
               f"![partial regression]({figures['regression']})", "",
-              "## The paper's findings", ""]
-    for number, verdict in enumerate(verdicts, 1):
-        word = "supported" if verdict["supported"] else "not supported"
-        lines += [f"{number}. {verdict['claim']} **This run: {word}.** {verdict['evidence']}.", ""]
-    lines += ["## Layer-wise transferability (mean over seeds)", "",
-              f"![layer-wise transferability]({figures['layerwise']})", ""]
+              "## The paper's findings", "",
+              "Each verdict is decided by the rule the README defines, applied the same way to this study and to "
+              "the paper's own data (its ResNet-50 table for finding 1, its twelve ResNet-50 layer-wise curves "
+              "for finding 2).", "",
+              "Finding | This study | The paper's data", "--- | --- | ---"]
+    for number, (verdict, on_paper) in enumerate(zip(verdicts, (paper["finding1"], paper["finding2"])), 1):
+        lines.append(f"{number}. {verdict['claim']} | **{verdict['verdict']}**: {verdict['evidence']} | "
+                     f"**{on_paper['verdict']}**: {on_paper['evidence']}")
+    lines += ["", "## Layer-wise curves", "",
+              f"![layer-wise transferability]({figures['layerwise']})", "",
+              "Shape statistics per curve (non-head points): Spearman correlation of T with depth (p), position of "
+              "the largest T, rank of the first layer (1 = the most transferable), share of steps where T rises; "
+              "decreasing = Spearman <= -0.5 and the first layer ranks 1 or 2.", "",
+              "Curve | Spearman (p) | argmax | rank of first | rising steps | decreasing",
+              "--- |:---:|:---:|:---:|:---:|:---:"]
+    rows = [(f"{r['name']} seed {r['seed']}", shape) for r, shape in zip(runs, shapes)]
+    rows += [(f"paper: {name}", shape) for name, shape in paper["shapes"]]
+    for label, shape in rows:
+        lines.append(f"{label} | {shape.spearman:+.2f} ({shape.spearman_p:.2g}) | {shape.argmax}/{shape.points} | "
+                     f"{shape.first_rank} | {shape.increasing_steps:.2f} | {'yes' if shape.decreasing else 'no'}")
+    lines.append("")
     return "\n".join(lines)
+
+
+def group_runs(runs: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run["name"], []).append(run)
+    return groups
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="The paper's study end to end on the synthetic benchmark.")
     parser.add_argument("--out", default="runs/study", help="where everything goes (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="the quick preset: under 10 minutes on a 2-core CPU")
-    parser.add_argument("--preset", choices=list(PRESETS), help="default, quick, or tiny (seconds; for tests)")
+    parser.add_argument("--preset", choices=list(PRESETS),
+                        help=f"{DEFAULT_PRESET} (default: the paper's regime), quick, or tiny (seconds; for tests)")
     parser.add_argument("--seeds", type=int, help="number of seeds per target (default: the preset's)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     if args.quick and args.preset not in (None, "quick"):
         parser.error("--quick and --preset disagree; give one")
-    args.preset = args.preset or ("quick" if args.quick else "default")
+    args.preset = args.preset or ("quick" if args.quick else DEFAULT_PRESET)
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    from metrics.regression import fit_log_transferability, fit_to_dict, partial_regression_figure
-    from plotting import layerwise_grid_bytes
-    from utils import check_writable, resolve_device
+def pretraining_diagnostics(study: Study, pretrained: Path, device: str) -> dict:
+    meter, _ = pretrained_tools(study.arch, pretrained, device)
+    names = [group.name for group in meter.groups if not group.is_head]
+    d_init = [meter.init[name][0] for name in names]
+    cos_init = [meter.init[name][1] for name in names]
+    history = [json.loads(line) for line in (pretrained / "a.log.jsonl").read_text().splitlines()]
+    return {"names": names, "d_init": d_init, "cos_init": cos_init, "median_cos": statistics.median(cos_init),
+            "budget": pretraining_budget(study), "source_acc": max(entry["val_acc"] for entry in history)}
 
+
+def main(argv: list[str] | None = None) -> int:
+    from metrics.regression import fit_log_transferability, fit_to_dict, format_fit, partial_regression_figure
+    from plotting import knob_panels_bytes
+    from utils import check_writable, commit_outputs, resolve_device
+
+    started = time.perf_counter()
     args = parse_args(argv)
     study = PRESETS[args.preset]
     if args.seeds is not None:
@@ -312,43 +475,68 @@ def main(argv: list[str] | None = None) -> int:
     out = check_writable(Path(args.out) / "report.md", "--out").parent
     device = str(resolve_device(args.device))
 
-    configs = target_configs(study)
-    jobs = [(name, options, seed) for name, options in configs for seed in study.seeds]
+    targets = target_configs(study)
+    jobs = [(target, seed) for target in targets for seed in study.seeds]
     progress = tqdm(total=1 + len(jobs), desc="study", unit="run")
     progress.set_postfix_str("pre-training")
     pretrained = pretrain(study, out, device)
     progress.update()
     runs = []
-    for name, options, seed in jobs:
-        progress.set_postfix_str(f"{name} seed {seed}")
-        runs.append(finetune_and_measure(study, pretrained, name, options, seed, out, device))
+    for target, seed in jobs:
+        progress.set_postfix_str(f"{target.name} seed {seed}")
+        runs.append(finetune_and_measure(study, pretrained, target, seed, out, device))
         progress.update()
     progress.close()
+    datasets = {run["dataset"]: (run["options"], run["seed"]) for run in runs}
+    stats = {name: measure_dataset(study, pretrained, options, seed, out, device)
+             for name, (options, seed) in datasets.items()}
 
+    # the regression: data set properties at the seed's fine-tuning lr
+    at_base_lr = [r for r in runs if r["knob"] != "lr"]
+    rows = [{"dataset": r["name"], "group": r["knob"] or "base", "G": stats[r["dataset"]]["G"],
+             "D": stats[r["dataset"]]["D"], "N": stats[r["dataset"]]["N"], "T": r["T"]} for r in at_base_lr]
     table = "dataset,seed,G,D,N,T\n" + "".join(
-        f"{r['name']},{r['seed']},{r['G']!r},{r['D']!r},{r['N']},{r['T']!r}\n" for r in runs)
-    rows = [{"dataset": r["name"], "G": r["G"], "D": r["D"], "N": r["N"], "T": r["T"]} for r in runs]
+        f"{r['name']},{r['seed']},{row['G']!r},{row['D']!r},{row['N']},{row['T']!r}\n" for r, row in zip(at_base_lr, rows))
     fit = fit_log_transferability(rows)
-    verdicts = findings(fit, runs)
-    panels = []
-    for name, _ in configs:
-        curves = [r["layers"] for r in runs if r["name"] == name]
-        panels.append((name, [statistics.mean(values) for values in zip(*curves)]))
-    figures = {"regression": "regression.png", "layerwise": "layerwise_transferability.png"}
-    report = report_markdown(study, args.preset, runs, fit, verdicts, figures)
-    summary = {"preset": args.preset, "study": asdict(study), "fit": fit_to_dict(fit), "findings": verdicts, "runs": runs}
-    from utils import commit_outputs
+    second, shapes = finding2_verdict(runs)
+    verdicts = [finding1(fit), second]
+    paper = paper_baseline()
+    diagnostics = pretraining_diagnostics(study, pretrained, device)
+    done = json.loads((pretrained / "done.json").read_text())
+    timing = {"machine": machine_line(time.perf_counter() - started, device),
+              "pretrain": f"{done['seconds'] / 60:.1f} min" if done.get("seconds") else "not recorded",
+              "finetune": sum(r.get("seconds", 0.0) for r in runs)}
 
+    panels = []
+    for knob in study.levels:
+        levels = []
+        for target in knob_levels(study, knob):
+            curves = [r["layers"] for r in runs if r["name"] == target.name]
+            value = target.lr if knob == "lr" else target.options[knob]
+            levels.append((f"{knob}={value:g}" + (" (base)" if target.knob is None else ""), curves))
+        panels.append((f"{knob}: {KNOBS.get(knob, knob)}", levels))
+    figures = {"regression": "regression.png", "layerwise": "layerwise_transferability.png"}
+    report = report_markdown(study, args.preset, runs, stats, fit, verdicts, shapes, paper, diagnostics, figures,
+                             timing)
+    summary = {"preset": args.preset, "study": asdict(study), "recipe": RECIPE, "fit": fit_to_dict(fit),
+               "findings": verdicts, "paper_findings": [paper["finding1"], paper["finding2"]],
+               "diagnostics": diagnostics, "stats": stats, "runs": runs,
+               "shapes": [shape.as_dict() for shape in shapes], "timing": timing}
+    layer_names = runs[0]["layer_names"]
     commit_outputs([
         (out / "study_table.csv", lambda f: f.write(table), "w"),
         (out / "study.json", lambda f: f.write(json.dumps(summary, indent=2, default=list)), "w"),
-        (out / figures["regression"], lambda f: f.write(partial_regression_figure(rows, fit)), "wb"),
-        (out / figures["layerwise"], lambda f: f.write(layerwise_grid_bytes(panels, columns=6)), "wb"),
+        (out / figures["regression"], lambda f: f.write(partial_regression_figure(rows, fit, colour_by="group")), "wb"),
+        (out / figures["layerwise"], lambda f: f.write(knob_panels_bytes(panels, layer_names)), "wb"),
         (out / "report.md", lambda f: f.write(report), "w"),
     ])
-    print(report.split("## Regression")[0].strip())
-    for number, verdict in enumerate(verdicts, 1):
-        print(f"finding {number}: {'supported' if verdict['supported'] else 'not supported'} ({verdict['evidence']})")
+    print(format_fit(fit, title="ln T = a G + b D + c ln N + d"))
+    print(f"pre-training: median cos(theta_r, theta_A) {diagnostics['median_cos']:.3f}, lr x wd budget "
+          f"{diagnostics['budget']:.2f}; best val acc of the fine-tuned runs "
+          f"{min(r['best_val_acc'] for r in runs):.1f}-{max(r['best_val_acc'] for r in runs):.1f} %")
+    for number, (verdict, on_paper) in enumerate(zip(verdicts, (paper["finding1"], paper["finding2"])), 1):
+        print(f"finding {number}: {verdict['verdict']} ({verdict['evidence']}); on the paper's data: "
+              f"{on_paper['verdict']} ({on_paper['evidence']})")
     print(f"wrote {out / 'report.md'}")
     return 0
 

@@ -312,7 +312,8 @@ def format_fit(fit: RegressionFit, title: str) -> str:
 
 
 def partial_regression_figure(
-    rows: Sequence[Row], fit: RegressionFit, fmt: str = "png", log: Callable[[float], float] = math.log
+    rows: Sequence[Row], fit: RegressionFit, fmt: str = "png", log: Callable[[float], float] = math.log,
+    colour_by: str | None = None,
 ) -> bytes:
     """Added-variable plots, one panel per predictor, encoded as ``fmt`` image bytes.
 
@@ -320,6 +321,9 @@ def partial_regression_figure(
     regressed on the other two predictors and a constant; see :func:`partial_residuals`),
     labelled with the data set names, and the line through the origin whose slope is the
     predictor's coefficient in ``fit``. ``rows`` and ``log`` must be those ``fit`` came from.
+    With ``colour_by`` (a key of the rows, e.g. the knob a study varied) the points are
+    coloured by that key with a legend instead of labelled one by one, which stays readable
+    for many rows.
     """
     if len(rows) != fit.n or _log_label(log) != fit.log_label:
         raise ValueError("partial_regression_figure: rows/log are not those the fit was made from")
@@ -332,10 +336,16 @@ def partial_regression_figure(
         for ax, term in zip(axes, PREDICTORS):
             x_resid, y_resid = partial_residuals(rows, term, log)
             label = _term_label(term, lg, standardized=False)
-            ax.scatter(x_resid, y_resid, s=18, zorder=3)
-            for row, x, y in zip(rows, x_resid, y_resid):
-                ax.annotate(str(row.get("dataset", "")), (x, y), xytext=(3, 3),
-                            textcoords="offset points", fontsize=6)
+            if colour_by is None:
+                ax.scatter(x_resid, y_resid, s=18, zorder=3)
+                for row, x, y in zip(rows, x_resid, y_resid):
+                    ax.annotate(str(row.get("dataset", "")), (x, y), xytext=(3, 3),
+                                textcoords="offset points", fontsize=6)
+            else:
+                groups = list(dict.fromkeys(str(row.get(colour_by, "")) for row in rows))
+                for group in groups:
+                    chosen = [i for i, row in enumerate(rows) if str(row.get(colour_by, "")) == group]
+                    ax.scatter(x_resid[chosen], y_resid[chosen], s=18, zorder=3, alpha=0.85, label=group)
             span = max(float(np.abs(x_resid).max()), 1e-12) * 1.1
             xs = np.array([-span, span])
             slope = fit.coefficients[term]

@@ -136,17 +136,23 @@ def test_reproduce_tiny_study_end_to_end_and_cached(tmp_path, capsys, monkeypatc
     out = tmp_path / "study"
     assert run_cli(reproduce.main, ["--preset", "tiny", "--out", str(out), "--device", "cpu"]) == 0
     report = (out / "report.md").read_text()
-    assert "| Domain gap G |" in report.replace("Dataset |", "|") or "Domain gap G" in report
-    assert "ln T" in report and "This run:" in report
+    assert "Domain gap G" in report and "ln T" in report
+    assert "## Did pre-training leave the initialisation?" in report and "cos_init |" in report
+    assert "Finding | This study | The paper's data" in report
+    assert "paper: CIFAR-10 | +0.51" in report  # the paper's curves judged beside the study's
     for figure in ("regression.png", "layerwise_transferability.png"):
         assert (out / figure).read_bytes().startswith(PNG)
         assert f"]({figure})" in report
     summary = json.loads((out / "study.json").read_text())
-    configs = reproduce.target_configs(reproduce.PRESETS["tiny"])
-    assert len(summary["runs"]) == len(configs) == 7
-    assert [f["supported"] in (True, False) for f in summary["findings"]] == [True, True]
+    targets = reproduce.target_configs(reproduce.PRESETS["tiny"])
+    assert len(summary["runs"]) == len(targets) == 8
+    assert [f["verdict"] for f in summary["paper_findings"]] == ["no detectable effect of G", "supported"]
+    assert all(f["verdict"] in ("supported", "not supported", "no detectable effect of G") for f in summary["findings"])
+    assert len(summary["diagnostics"]["cos_init"]) == 10 and summary["timing"]["finetune"] > 0
+    # the regression leaves out the lr knob's run: one row per run at the seed's lr
+    assert len((out / "study_table.csv").read_text().splitlines()) == 1 + 7
     results = sorted((out / "finetune").glob("*/result.json"))
-    assert len(results) == 7
+    assert len(results) == 8
 
     # A second call reuses every cached run: no training, no measuring.
     def forbidden(*args, **kwargs):
@@ -172,21 +178,59 @@ def test_reproduce_tiny_study_end_to_end_and_cached(tmp_path, capsys, monkeypatc
     assert len(calls) == 1 and results[3].exists()
 
 
-def test_depth_trend_and_findings():
-    assert reproduce.depth_trend([1.0, 2.0, 3.0, 4.0, 1.0]) == pytest.approx(1.0)
-    assert reproduce.depth_trend([4.0, 3.0, 2.0, 1.0, 1.0]) == pytest.approx(-1.0)
-    assert math.isnan(reproduce.depth_trend([2.0, 1.0]))
+def test_run_keys_hold_every_setting_that_changes_numbers(monkeypatch):
+    """Another device type, recipe version, lr or weight decay is another run, never a cached one."""
+    study = reproduce.PRESETS["tiny"]
+    base = reproduce.target_configs(study)[0]
+
+    class Keyed(Exception):
+        pass
+
+    def key_of(device="cpu", recipe=reproduce.RECIPE, lr=base.lr, **changes):
+        def stop(payload):
+            raise Keyed(json.dumps(payload))
+
+        with monkeypatch.context() as patch:
+            patch.setattr(reproduce, "digest", stop)
+            patch.setattr(reproduce, "RECIPE", recipe)
+            with pytest.raises(Keyed) as caught:
+                reproduce.finetune_and_measure(reproduce.replace(study, **changes), Path("pretrain-x"),
+                                               reproduce.Target(base.name, None, base.options, lr), 1,
+                                               Path("unused"), device)
+        return str(caught.value)
+
+    keys = [key_of(), key_of(device="cuda:1"), key_of(recipe="another"), key_of(lr=0.5),
+            key_of(finetune_weight_decay=0.5), key_of(finetune_epochs=7), key_of(batch_size=3)]
+    assert len(set(keys)) == len(keys)
+    assert key_of(device="cuda:0") == key_of(device="cuda:1")  # the index does not change the numbers
 
 
 def test_target_configs_vary_one_knob_at_a_time():
-    study = reproduce.PRESETS["quick"]
-    configs = reproduce.target_configs(study)
-    assert configs[0] == ("base", study.target)
-    for name, options in configs[1:]:
-        differing = [k for k in options if options[k] != study.target[k]]
-        assert len(differing) == 1
-        assert name == f"{differing[0]}={options[differing[0]]}"
-    assert len(configs) == len({json.dumps(o, sort_keys=True) for _, o in configs})
+    study = reproduce.PRESETS["paper"]
+    targets = reproduce.target_configs(study)
+    assert targets[0] == reproduce.Target("base", None, study.target, study.finetune_lr)
+    for target in targets[1:]:
+        differing = [k for k in target.options if target.options[k] != study.target[k]]
+        if target.knob == "lr":
+            assert not differing and target.lr != study.finetune_lr and target.name == f"lr={target.lr}"
+        else:
+            assert differing == [target.knob] and target.lr == study.finetune_lr
+            assert target.name == f"{target.knob}={target.options[target.knob]}"
+    assert len(targets) == 9
+    # each knob's panel holds its levels in order, the base among them
+    assert [t.name for t in reproduce.knob_levels(study, "gap")] == ["gap=0.0", "base", "gap=1.0"]
+    assert [t.lr for t in reproduce.knob_levels(study, "lr")] == [0.003, 0.01, 0.03]
+
+
+def test_paper_preset_is_in_the_papers_regime_on_paper():
+    """What the preset promises before it runs: an lr x weight-decay budget within 15 % of the
+    seed's 120 ImageNet epochs, a source task harder than the targets, the seed's fine-tuning."""
+    study = reproduce.PRESETS["paper"]
+    assert reproduce.IMAGENET_LR_WD_BUDGET == pytest.approx(2.222, abs=1e-3)
+    assert abs(reproduce.pretraining_budget(study) / reproduce.IMAGENET_LR_WD_BUDGET - 1) < 0.15
+    assert reproduce.source_images(study) == 200 * 150 and study.target["classes"] < 200
+    assert (study.finetune_lr, study.finetune_weight_decay, study.batch_size) == (0.01, 1e-4, 128)
+    assert reproduce.parse_args([]).preset == "paper"
 
 
 def test_stats_fills_t_from_labelled_results_and_feeds_regress(tmp_path, capsys):
