@@ -283,6 +283,7 @@ class TrainSettings:
     lr: float
     weight_decay: float
     momentum: float = 0.9
+    norm_weight_decay: float | None = None  # for normalisation layers' parameters; None: weight_decay
     schedule: str = "cosine"  # "cosine" or "step"
     step_size: int = 40
     gamma: float = 0.1
@@ -297,6 +298,21 @@ class TrainSettings:
     args: dict = field(default_factory=dict)  # the script's arguments, stored in checkpoints
 
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def parameter_groups(model: nn.Module, settings: TrainSettings) -> list[dict]:
+    """The optimizer's parameter groups: every parameter with ``settings.weight_decay`` (the
+    seed's recipe), or, with ``settings.norm_weight_decay``, the normalisation layers'
+    parameters in a group of their own with that decay."""
+    if settings.norm_weight_decay is None:
+        return [{"params": list(model.parameters())}]
+    norm = {id(p) for module in model.modules() if isinstance(module, _NORMS) for p in module.parameters(recurse=False)}
+    others = [p for p in model.parameters() if id(p) not in norm]
+    norms = [p for p in model.parameters() if id(p) in norm]
+    return [{"params": others}, {"params": norms, "weight_decay": settings.norm_weight_decay}]
+
+
 def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -> None:
     """The flags both scripts share, with each script's defaults."""
     parser.add_argument("--max_epoch", type=int, default=epochs, help="epochs (default: %(default)s)")
@@ -305,6 +321,10 @@ def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -
     parser.add_argument("--lr", type=float, default=lr, help="initial learning rate (default: %(default)s)")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     parser.add_argument("--weight_decay", type=float, default=1e-4, help="(default: %(default)s)")
+    parser.add_argument("--norm_weight_decay", type=float, metavar="WD",
+                        help="weight decay of the normalisation layers' scales and shifts (BatchNorm, "
+                        "LayerNorm, GroupNorm), as torchvision's reference scripts offer (default: "
+                        "--weight_decay, every parameter decayed alike, as the seed does)")
     parser.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentation")
     parser.add_argument("--color_jitter", type=float, default=0.0, metavar="S",
                         help="colour jitter of strength S in [0, 1]: brightness, contrast and saturation "
@@ -492,8 +512,7 @@ def fit(
     model.to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
-    # Weight decay on every parameter, as in the paper's recipe.
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+    optimizer = torch.optim.SGD(parameter_groups(model, settings), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
     if settings.schedule == "step":
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.step_size, settings.gamma)
@@ -787,7 +806,7 @@ def check_resume(checkpoint: Mapping, args, keys: Sequence[str] = RESUME_KEYS) -
 def settings_from_args(args, device: torch.device, *, schedule: str, label: str) -> TrainSettings:
     return TrainSettings(
         epochs=args.max_epoch, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        momentum=args.momentum, schedule=schedule, step_size=getattr(args, "lr_step", 40), seed=args.seed,
+        norm_weight_decay=args.norm_weight_decay, momentum=args.momentum, schedule=schedule, step_size=getattr(args, "lr_step", 40), seed=args.seed,
         workers=args.workers if args.workers is not None else default_workers(device),
         amp=args.amp, channels_last=args.channels_last, compile=args.compile,
         sync_bn=args.sync_bn, cache=args.cache, label=label,

@@ -500,3 +500,30 @@ def test_compiled_model_trains(pretrained, tmp_path):
     _, a = pretrained
     assert run_cli(finetune.main, finetune_argv(a, tmp_path / "b.pth", "--compile", epochs=1)) == 0
     assert "fc.weight" in load_state_dict_safely(tmp_path / "b.pth")
+
+
+def test_norm_weight_decay_puts_normalisation_parameters_in_their_own_group():
+    """--norm_weight_decay (as torchvision's reference scripts): BatchNorm's scales and shifts
+    decay at their own rate, every other parameter at --weight_decay; without it, one group."""
+    from engine import TrainSettings, parameter_groups
+    from models import build_model
+
+    model = build_model("resnet20", num_classes=5)
+    assert len(parameter_groups(model, TrainSettings(epochs=1, batch_size=1, lr=0.1, weight_decay=1e-2))) == 1
+    settings = TrainSettings(epochs=1, batch_size=1, lr=0.1, weight_decay=1e-2, norm_weight_decay=1e-4)
+    others, norms = parameter_groups(model, settings)
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert norms["weight_decay"] == 1e-4 and "weight_decay" not in others  # the optimizer's default: 1e-2
+    norm_names = {name for name, module in model.named_modules() if isinstance(module, torch.nn.BatchNorm2d)}
+    assert {names[id(p)] for p in norms["params"]} == {n for n in names.values() if n.rpartition(".")[0] in norm_names}
+    assert "layer3.0.downsample.1.weight" in {names[id(p)] for p in norms["params"]}  # a shortcut's BatchNorm too
+    assert len(others["params"]) + len(norms["params"]) == len(list(model.parameters()))
+    # one SGD step on zero gradients: only the decay moves the weights, each group at its rate
+    optimizer = torch.optim.SGD(parameter_groups(model, settings), lr=0.1, weight_decay=1e-2)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    after = dict(model.named_parameters())
+    assert torch.allclose(after["conv1.weight"], before["conv1.weight"] * (1 - 0.1 * 1e-2))
+    assert torch.allclose(after["bn1.weight"], before["bn1.weight"] * (1 - 0.1 * 1e-4))
