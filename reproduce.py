@@ -36,6 +36,9 @@ from utils import UserError, run_cli, write_atomically
 ARCH = "resnet20"
 
 
+# Above this median cosine similarity of theta_r and theta_A, pre-training has barely left the
+# initialisation (the threshold of cal_transferability.py's note).
+COS_INIT_WARNING = 0.5
 # Bumped whenever the training recipe changes the numbers a run produces (augmentation,
 # head initialisation, ...): part of every run's cache key, so no stale run is reused.
 RECIPE = "recipe-2"
@@ -393,6 +396,9 @@ def report_markdown(study: Study, preset: str, runs: list[dict], stats: dict, fi
         "--- | " + " | ".join(":---:" for _ in diagnostics["names"]),
         "d_init | " + " | ".join(f"{v:.3g}" for v in diagnostics["d_init"]),
         "cos_init | " + " | ".join(f"{v:.3f}" for v in diagnostics["cos_init"]), "",
+        *([f"**Pre-training barely left the initialisation (median cosine {diagnostics['median_cos']:.2f} > "
+           f"{COS_INIT_WARNING}): T compares two nearly equal starting points, so the verdicts below are not "
+           "evidence about the paper.**", ""] if diagnostics["median_cos"] > COS_INIT_WARNING else []),
         "## Table (the paper's Section 3 format)", "",
         "Mean ± standard deviation over the seeds. Best validation accuracy: the fine-tuned run's best epoch "
         "(the weights T is measured on).", "",
