@@ -189,6 +189,18 @@ def assert_same_weights(x: dict, y: dict) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+def resume_and_compare(tmp_path, a, b, uninterrupted, *extra: str) -> None:
+    """Resume the stopped run whose best weights go to ``b`` and check that it ends with the
+    uninterrupted run's (last, best) weights, bit for bit."""
+    resumed = run_script(*resume_argv(a, b), *extra, "--resume", str(tmp_path / "b.last.pth"))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed at epoch" in out
+    last, best = uninterrupted
+    assert_same_weights(load_state_dict_safely(tmp_path / "b.last.pth"), last)
+    assert_same_weights(load_state_dict_safely(b), best)
+
+
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
 def test_stopped_and_resumed_run_ends_bit_identical(pretrained, uninterrupted, tmp_path, how):
     _, a = pretrained
@@ -206,13 +218,7 @@ def test_stopped_and_resumed_run_ends_bit_identical(pretrained, uninterrupted, t
         assert "Traceback" not in err
     else:
         assert process.returncode == -signal.SIGKILL
-    resumed = run_script(*resume_argv(a, b), "--resume", str(tmp_path / "b.last.pth"))
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert "resumed at epoch" in out
-    last, best = uninterrupted
-    assert_same_weights(load_state_dict_safely(tmp_path / "b.last.pth"), last)
-    assert_same_weights(load_state_dict_safely(b), best)
+    resume_and_compare(tmp_path, a, b, uninterrupted)
     log = [json.loads(line)["epoch"] for line in (tmp_path / "b.log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4, 5, 6]
 
@@ -309,13 +315,7 @@ def test_stopped_and_resumed_pil_run_ends_bit_identical(pretrained, uninterrupte
     if process.returncode == 0:
         pytest.skip("the run finished before the signal arrived (a very fast machine)")
     assert process.returncode == 128 + signal.SIGTERM, err
-    resumed = run_script(*resume_argv(a, b), "--augment", "pil", "--resume", str(tmp_path / "b.last.pth"))
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert "resumed at epoch" in out
-    last, best = uninterrupted_pil
-    assert_same_weights(load_state_dict_safely(tmp_path / "b.last.pth"), last)
-    assert_same_weights(load_state_dict_safely(b), best)
+    resume_and_compare(tmp_path, a, b, uninterrupted_pil, "--augment", "pil")
 
 
 # ------------------------------------------------------------------------ torchrun
