@@ -21,7 +21,7 @@ from typing import Mapping
 import torch
 from tqdm import tqdm
 
-from metrics import NonFiniteTensorError, Transferability, TransferabilityMeter
+from metrics import COS_INIT_WARNING, NonFiniteTensorError, Transferability, TransferabilityMeter
 from models import ARCHITECTURES, GENERIC, build_model, check_architecture, infer_arch, layer_groups, num_classes_of
 from plotting import figure_format, layerwise_figure_bytes
 from utils import UserError, check_writable, commit_outputs, load_state_dict_safely, resolve_device, run_cli
@@ -163,11 +163,6 @@ def _fmt(value: float) -> float:
 def _number(value: float | None) -> float | None:
     """JSON has no inf/nan: undefined numbers are written as null."""
     return value if value is not None and math.isfinite(value) else None
-
-
-# Above this median cosine similarity between theta_r and theta_A, pre-training has barely
-# left the initialisation and T is a comparison of two nearly equal starting points.
-COS_INIT_WARNING = 0.5
 
 
 def _cell(value: float | None, spec: str) -> str:

@@ -36,9 +36,6 @@ from utils import UserError, run_cli, write_atomically
 ARCH = "resnet20"
 
 
-# Above this median cosine similarity of theta_r and theta_A, pre-training has barely left the
-# initialisation (the threshold of cal_transferability.py's note).
-COS_INIT_WARNING = 0.5
 # Bumped whenever the training recipe changes the numbers a run produces (augmentation,
 # head initialisation, ...): part of every run's cache key, so no stale run is reused.
 RECIPE = "recipe-2"
@@ -331,9 +328,8 @@ def paper_baseline() -> dict:
     from metrics.curve_shape import finding2, read_paper_curves, shape_table
     from metrics.regression import fit_log_transferability, read_table
 
-    here = Path(__file__).resolve().parent / "data"
-    fit = fit_log_transferability(read_table(here / "paper_table.csv"))
-    shapes = shape_table(read_paper_curves(here / "paper_curves.csv"))
+    fit = fit_log_transferability(read_table(Path(__file__).resolve().parent / "data" / "paper_table.csv"))
+    shapes = shape_table(read_paper_curves())
     verdict = finding2(shape for _, shape in shapes)
     return {"fit": fit, "finding1": finding1(fit), "shapes": shapes,
             "finding2": {"verdict": "supported" if verdict.supported else "not supported",
@@ -370,7 +366,15 @@ def machine_line(elapsed: float, device: str) -> str:
 
 def report_markdown(study: Study, preset: str, runs: list[dict], stats: dict, fit, verdicts: list[dict],
                     shapes: list, paper: dict, diagnostics: dict, figures: dict, timing: dict) -> str:
-    from metrics.regression import format_fit
+    """OUT/report.md, section by section."""
+    return "\n".join([*report_header(study, preset, runs, diagnostics, timing), *report_table(runs, stats),
+                      *report_findings(study, fit, verdicts, paper, figures),
+                      *report_curves(runs, shapes, paper, figures)])
+
+
+def report_header(study: Study, preset: str, runs: list[dict], diagnostics: dict, timing: dict) -> list[str]:
+    """What ran, on what, and how far pre-training moved each layer."""
+    from metrics import COS_INIT_WARNING
 
     lines = [
         "# Transferability study on the synthetic benchmark", "",
@@ -399,6 +403,13 @@ def report_markdown(study: Study, preset: str, runs: list[dict], stats: dict, fi
         *([f"**Pre-training barely left the initialisation (median cosine {diagnostics['median_cos']:.2f} > "
            f"{COS_INIT_WARNING}): T compares two nearly equal starting points, so the verdicts below are not "
            "evidence about the paper.**", ""] if diagnostics["median_cos"] > COS_INIT_WARNING else []),
+    ]
+    return lines
+
+
+def report_table(runs: list[dict], stats: dict) -> list[str]:
+    """The paper's Section 3 table, mean ± std over seeds, and the saturation check."""
+    lines = [
         "## Table (the paper's Section 3 format)", "",
         "Mean ± standard deviation over the seeds. Best validation accuracy: the fine-tuned run's best epoch "
         "(the weights T is measured on).", "",
@@ -417,6 +428,14 @@ def report_markdown(study: Study, preset: str, runs: list[dict], stats: dict, fi
               f"that reaches about 95 % or more saturates: its best checkpoint is an early snapshot). "
               f"Largest T of any layer in any run: {largest:.3g} (values of 1e4 or more mean a layer that "
               "fine-tuning could not move, e.g. a block whose BatchNorm scales pre-training drove to zero).", ""]
+    return lines
+
+
+def report_findings(study: Study, fit, verdicts: list[dict], paper: dict, figures: dict) -> list[str]:
+    """The regression and both verdicts beside the same verdicts on the paper's data."""
+    from metrics.regression import format_fit
+
+    lines: list[str] = []
     lines += ["## Regression", "",
               f"Ordinary least squares over the {fit.n} runs at the seed's fine-tuning lr {study.finetune_lr:g} "
               "(`study_table.csv`; `python analyze.py regress study_table.csv` gives the same; the runs of the "
@@ -431,6 +450,12 @@ def report_markdown(study: Study, preset: str, runs: list[dict], stats: dict, fi
     for number, (verdict, on_paper) in enumerate(zip(verdicts, (paper["finding1"], paper["finding2"])), 1):
         lines.append(f"{number}. {verdict['claim']} | **{verdict['verdict']}**: {verdict['evidence']} | "
                      f"**{on_paper['verdict']}**: {on_paper['evidence']}")
+    return lines
+
+
+def report_curves(runs: list[dict], shapes: list, paper: dict, figures: dict) -> list[str]:
+    """The layer-wise figure and every curve's shape statistics, the study's and the paper's."""
+    lines: list[str] = []
     lines += ["", "## Layer-wise curves", "",
               f"![layer-wise transferability]({figures['layerwise']})", "",
               "Shape statistics per curve (non-head points): Spearman correlation of T with depth (p), position of "
@@ -444,7 +469,7 @@ def report_markdown(study: Study, preset: str, runs: list[dict], stats: dict, fi
         lines.append(f"{label} | {shape.spearman:+.2f} ({shape.spearman_p:.2g}) | {shape.argmax}/{shape.points} | "
                      f"{shape.first_rank} | {shape.increasing_steps:.2f} | {'yes' if shape.decreasing else 'no'}")
     lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def group_runs(runs: list[dict]) -> dict[str, list[dict]]:
@@ -479,6 +504,30 @@ def pretraining_diagnostics(study: Study, pretrained: Path, device: str) -> dict
             "budget": pretraining_budget(study), "source_acc": max(entry["val_acc"] for entry in history)}
 
 
+def regression_rows(runs: list[dict], stats: dict) -> tuple[list[dict], str]:
+    """The regression's rows (data set properties and T of the runs at the seed's fine-tuning
+    lr: the lr knob is not a data set property) and the same as ``study_table.csv``."""
+    at_base_lr = [r for r in runs if r["knob"] != "lr"]
+    rows = [{"dataset": r["name"], "group": r["knob"] or "base", "G": stats[r["dataset"]]["G"],
+             "D": stats[r["dataset"]]["D"], "N": stats[r["dataset"]]["N"], "T": r["T"]} for r in at_base_lr]
+    table = "dataset,seed,G,D,N,T\n" + "".join(
+        f"{r['name']},{r['seed']},{row['G']!r},{row['D']!r},{row['N']},{row['T']!r}\n" for r, row in zip(at_base_lr, rows))
+    return rows, table
+
+
+def knob_panels(study: Study, runs: list[dict]) -> list:
+    """The layer-wise figure's panels: per knob, each level's curves (one per seed)."""
+    panels = []
+    for knob in study.levels:
+        levels = []
+        for target in knob_levels(study, knob):
+            curves = [r["layers"] for r in runs if r["name"] == target.name]
+            value = target.lr if knob == "lr" else target.options[knob]
+            levels.append((f"{knob}={value:g}" + (" (base)" if target.knob is None else ""), curves))
+        panels.append((f"{knob}: {KNOBS.get(knob, knob)}", levels))
+    return panels
+
+
 def main(argv: list[str] | None = None) -> int:
     from metrics.regression import fit_log_transferability, fit_to_dict, format_fit, partial_regression_figure
     from plotting import knob_panels_bytes
@@ -510,12 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = {name: measure_dataset(study, pretrained, options, seed, out, device)
              for name, (options, seed) in datasets.items()}
 
-    # the regression: data set properties at the seed's fine-tuning lr
-    at_base_lr = [r for r in runs if r["knob"] != "lr"]
-    rows = [{"dataset": r["name"], "group": r["knob"] or "base", "G": stats[r["dataset"]]["G"],
-             "D": stats[r["dataset"]]["D"], "N": stats[r["dataset"]]["N"], "T": r["T"]} for r in at_base_lr]
-    table = "dataset,seed,G,D,N,T\n" + "".join(
-        f"{r['name']},{r['seed']},{row['G']!r},{row['D']!r},{row['N']},{row['T']!r}\n" for r, row in zip(at_base_lr, rows))
+    rows, table = regression_rows(runs, stats)
     fit = fit_log_transferability(rows)
     second, shapes = finding2_verdict(runs)
     verdicts = [finding1(fit), second]
@@ -526,14 +570,7 @@ def main(argv: list[str] | None = None) -> int:
               "pretrain": f"{done['seconds'] / 60:.1f} min" if done.get("seconds") else "not recorded",
               "finetune": sum(r.get("seconds", 0.0) for r in runs)}
 
-    panels = []
-    for knob in study.levels:
-        levels = []
-        for target in knob_levels(study, knob):
-            curves = [r["layers"] for r in runs if r["name"] == target.name]
-            value = target.lr if knob == "lr" else target.options[knob]
-            levels.append((f"{knob}={value:g}" + (" (base)" if target.knob is None else ""), curves))
-        panels.append((f"{knob}: {KNOBS.get(knob, knob)}", levels))
+    panels = knob_panels(study, runs)
     figures = {"regression": "regression.png", "layerwise": "layerwise_transferability.png"}
     report = report_markdown(study, args.preset, runs, stats, fit, verdicts, shapes, paper, diagnostics, figures,
                              timing)

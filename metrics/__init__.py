@@ -1,5 +1,6 @@
 """Measurements: transferability from parameter distances (more estimators join later)."""
 from .transferability import (
+    COS_INIT_WARNING,
     FROZEN,
     HEAD,
     LAYER,
@@ -9,12 +10,12 @@ from .transferability import (
     Transferability,
     TransferabilityMeter,
     abs_diff_sums,
-    cosine_similarity,
     layerwise_transferability,
     overall_transferability,
 )
 
 __all__ = [
+    "COS_INIT_WARNING",
     "FROZEN",
     "HEAD",
     "LAYER",
@@ -24,7 +25,6 @@ __all__ = [
     "Transferability",
     "TransferabilityMeter",
     "abs_diff_sums",
-    "cosine_similarity",
     "layerwise_transferability",
     "overall_transferability",
 ]

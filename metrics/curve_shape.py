@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -102,14 +103,8 @@ def finding2(shapes: Iterable[CurveShape]) -> Finding2:
     decreasing = sum(s.decreasing for s in shapes)
     p = float(binomtest(decreasing, len(shapes), 0.5, alternative="less").pvalue)
     return Finding2(len(shapes), decreasing, decreasing / len(shapes), p,
-                    _median([s.spearman for s in shapes]), _median([s.first_rank for s in shapes]),
+                    statistics.median(s.spearman for s in shapes), statistics.median(s.first_rank for s in shapes),
                     decreasing < len(shapes) / 2)
-
-
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def read_paper_curves(path: str | Path = PAPER_CURVES) -> dict[str, list[float]]:

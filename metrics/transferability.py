@@ -21,6 +21,7 @@ each file's bytes and no full-size temporary is ever made.
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -30,6 +31,9 @@ import torch
 from models.layer_maps import LayerGroup
 
 HEAD, LAYER, FROZEN = "head", "layer", "frozen"
+# Above this median cos_init, pre-training has barely left the initialisation and T compares
+# two nearly equal starting points (cal_transferability.py's note, reproduce.py's report).
+COS_INIT_WARNING = 0.5
 ROLES = ("random", "pretrained", "finetuned")  # theta_r, theta_A, theta_FB
 
 # Elements per chunk: 256 KiB of float32 stays in the CPU's L2 cache; a GPU only chunks
@@ -72,19 +76,9 @@ class Transferability:
     @property
     def median_cos_init(self) -> float:
         """Median over the non-head points of ``cos_init`` (NaN when there is none)."""
-        values = sorted(layer.cos_init for layer in self.layers
-                        if layer.cos_init is not None and math.isfinite(layer.cos_init))
-        if not values:
-            return math.nan
-        middle = len(values) // 2
-        return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
-
-
-def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
-    """<a, b> / (|a| |b|) of two flattened tensors, accumulated in float64; NaN when either is 0."""
-    a64, b64 = a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64)
-    norms = float(a64.norm()) * float(b64.norm())
-    return float(a64 @ b64) / norms if norms > 0 else math.nan
+        values = [layer.cos_init for layer in self.layers
+                  if layer.cos_init is not None and math.isfinite(layer.cos_init)]
+        return statistics.median(values) if values else math.nan
 
 
 def overall_transferability(values: Sequence[float], is_head: Sequence[bool]) -> float:
@@ -117,6 +111,46 @@ def abs_diff_sums(target: torch.Tensor, references: Sequence[torch.Tensor], chun
     return sums
 
 
+def _moved(total: float, dot: float, norm_a: float, norm_r: float, numel: int) -> tuple[float, float]:
+    norms = math.sqrt(norm_a) * math.sqrt(norm_r)
+    return total / max(numel, 1), (dot / norms if norms > 0 else math.nan)
+
+
+def _first_pass(target: torch.Tensor, r: torch.Tensor, a: torch.Tensor,
+                chunk: int) -> tuple[torch.Tensor, tuple[float, float]]:
+    """:func:`abs_diff_sums` of ``target`` against (r, a), and in the same walk over the
+    chunks (each in cache once) :func:`_distance_and_cosine` of r and a."""
+    dtype = _compute_dtype(target, r, a)
+    flat_t, flat_r, flat_a = target.reshape(-1), r.reshape(-1), a.reshape(-1)
+    sums = torch.zeros(6, dtype=torch.float64, device=target.device)  # |r-t|, |a-t|, |a-r|, <a,r>, |a|^2, |r|^2
+    for start in range(0, flat_t.numel(), chunk):
+        piece_t = flat_t[start : start + chunk].to(dtype)
+        piece_r, piece_a = flat_r[start : start + chunk].to(dtype), flat_a[start : start + chunk].to(dtype)
+        sums[0] += (piece_r - piece_t).abs_().sum(dtype=torch.float64)
+        sums[1] += (piece_a - piece_t).abs_().sum(dtype=torch.float64)
+        sums[2] += (piece_a - piece_r).abs_().sum(dtype=torch.float64)
+        sums[3] += torch.dot(piece_a, piece_r)
+        sums[4] += torch.dot(piece_a, piece_a)
+        sums[5] += torch.dot(piece_r, piece_r)
+    return sums[:2], _moved(*sums[2:].tolist(), a.numel())
+
+
+def _distance_and_cosine(r: torch.Tensor, a: torch.Tensor, chunk: int) -> tuple[float, float]:
+    """(mean |a - r|, cosine of a and r) in one chunked pass over both tensors: each chunk
+    is compared in the inputs' precision (float32 at least), the chunks' sums added in
+    float64, no full-size temporary."""
+    dtype = _compute_dtype(r, a)
+    flat_r, flat_a = r.reshape(-1), a.reshape(-1)
+    sums = torch.zeros(4, dtype=torch.float64, device=a.device)  # sum |a - r|, <a, r>, |a|^2, |r|^2
+    for start in range(0, flat_a.numel(), chunk):
+        piece_r, piece_a = flat_r[start : start + chunk].to(dtype), flat_a[start : start + chunk].to(dtype)
+        sums[0] += (piece_a - piece_r).abs_().sum(dtype=torch.float64)
+        sums[1] += torch.dot(piece_a, piece_r)  # a chunk's dot products in its own precision
+        sums[2] += torch.dot(piece_a, piece_a)
+        sums[3] += torch.dot(piece_r, piece_r)
+    return _moved(*sums.tolist(), a.numel())
+
+
 class TransferabilityMeter:
     """Measures T for many fine-tuned checkpoints against one (theta_r, theta_A) pair.
 
@@ -141,20 +175,29 @@ class TransferabilityMeter:
                     raise KeyError(f"tensor {key} is missing from theta_{role}")
         self.theta_r = {k: theta_r[k].to(self.device, non_blocking=True) for k in self.keys}
         self.theta_a = {k: theta_a[k].to(self.device, non_blocking=True) for k in self.keys}
-        self.init = {group.name: self._pretraining_moved(group) for group in self.groups if not group.is_head}
+        # key -> (D(theta_r, theta_A), cosine) of the tensor: measured during the first call,
+        # while theta_r's and theta_A's chunks are in cache anyway (no pass of their own)
+        self._moved: dict[str, tuple[float, float]] = {}
 
-    def _pretraining_moved(self, group: LayerGroup) -> tuple[float, float]:
-        """(D(theta_r, theta_A), mean cosine similarity of theta_r and theta_A) of one point."""
-        distances, cosines = [], []
-        for key in group.keys:
-            r, a = self.theta_r[key], self.theta_a[key]
-            distances.append(float(abs_diff_sums(a, [r], self.chunk)[0]) / max(a.numel(), 1))
-            cosines.append(cosine_similarity(r, a))
-        return math.fsum(distances) / len(distances), math.fsum(cosines) / len(cosines)
+    @property
+    def init(self) -> dict[str, tuple[float, float]]:
+        """Point name -> (d_init, cos_init): D(theta_r, theta_A) and the cosine similarity of
+        theta_r and theta_A, each the mean over the point's tensors."""
+        for key in self.keys:
+            if key not in self._moved:
+                self._moved[key] = _distance_and_cosine(self.theta_r[key], self.theta_a[key], self.chunk)
+        return {group.name: (math.fsum(self._moved[k][0] for k in group.keys) / len(group.keys),
+                             math.fsum(self._moved[k][1] for k in group.keys) / len(group.keys))
+                for group in self.groups if not group.is_head}
 
     def _sums(self, key: str, target: torch.Tensor) -> torch.Tensor:
         refs = (self.theta_r[key], self.theta_a[key])
-        sums = abs_diff_sums(target, refs, self.chunk)
+        if key in self._moved:
+            sums = abs_diff_sums(target, refs, self.chunk)
+        else:
+            sums, moved = _first_pass(target, *refs, self.chunk)
+            if torch.isfinite(sums).all():
+                self._moved[key] = moved
         if torch.isfinite(sums).all():
             return sums
         for role, tensor in zip(ROLES, (*refs, target)):
@@ -172,6 +215,7 @@ class TransferabilityMeter:
             sums[key] = self._sums(key, target) / target.numel()
         table = torch.stack(list(sums.values())).cpu().tolist() if sums else []
         distance = dict(zip(sums, table))  # key -> [D(r, B), D(A, B)] per tensor
+        init = self.init
 
         layers = []
         for group in self.groups:
@@ -180,7 +224,7 @@ class TransferabilityMeter:
                 continue
             d_r = math.fsum(distance[k][0] for k in group.keys) / len(group.keys)
             d_a = math.fsum(distance[k][1] for k in group.keys) / len(group.keys)
-            d_init, cos_init = self.init[group.name]
+            d_init, cos_init = init[group.name]
             if d_a == 0.0:
                 layers.append(LayerResult(group.name, d_r, d_a, math.inf, FROZEN, d_init, cos_init))
             else:
