@@ -1,7 +1,10 @@
 """Model registry: ``build_model(arch, num_classes)``, layer maps and architecture inference.
 
-torchvision's classes are used for the ImageNet-sized networks, so checkpoints saved from
-torchvision models load as they are. Nothing here downloads weights.
+Every architecture is registered once (:func:`register`, see docs/architectures.md): its
+builder, head, :class:`Family` (fingerprint function and layer map) and the fingerprint
+value its state dicts have. torchvision's classes are used for the ImageNet-sized
+networks, so checkpoints saved from torchvision models load as they are. Nothing here
+downloads weights.
 """
 from __future__ import annotations
 
@@ -9,36 +12,108 @@ import re
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torchvision
 from torch import nn
 
+from utils import UserError
+
 from .cifar_resnet import CifarResNet
-from .layer_maps import LAYER_MAPS, LayerGroup, generic_layer_groups
+from .layer_maps import (LayerGroup, densenet_layer_groups, generic_layer_groups, resnet_layer_groups,
+                         vit_layer_groups)
 
 __all__ = [
     "ARCHITECTURES",
+    "Architecture",
+    "DENSENET",
+    "Family",
     "GENERIC",
     "LayerGroup",
+    "RESNET",
+    "VIT",
     "build_model",
     "check_architecture",
     "fresh_head",
     "infer_arch",
     "layer_groups",
     "num_classes_of",
+    "register",
+    "resolve_arch",
 ]
 
-GENERIC = "generic"
+GENERIC = "generic"  # not an architecture: the layer grouping for any model (generic_layer_groups)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Architectures that share their state-dict names (and so one layer map)."""
+
+    name: str
+    # A cheap summary of a state dict (block counts, widths): picks the one candidate
+    # architecture that check_architecture then compares tensor by tensor.
+    fingerprint: Callable[[Mapping[str, torch.Tensor]], tuple]
+    # The state dict's keys -> the ordered points of the T curve (models/layer_maps.py).
+    layer_map: Callable[[Sequence[str]], list[LayerGroup]]
 
 
 @dataclass(frozen=True)
 class Architecture:
-    family: str  # key of LAYER_MAPS and FINGERPRINTS
-    builder: Callable[[int], nn.Module]
+    """Everything one architecture needs; :func:`register` adds it to :data:`ARCHITECTURES`."""
+
+    name: str
+    family: Family
+    builder: Callable[[int], nn.Module]  # num_classes -> a freshly initialised model
     head: str  # module name of the classifier that fine-tuning replaces
-    fingerprint: tuple  # what FINGERPRINTS[family] returns for this architecture
+    fingerprint: tuple  # what family.fingerprint returns for this architecture's state dicts
+    input_size: int | None = None  # the image size the model is built for; None: any size
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    """Make ``arch`` known to every script (``--arch`` choices, inference, layer maps)."""
+    if arch.name in ARCHITECTURES or arch.name == GENERIC:
+        raise ValueError(f"architecture {arch.name!r} is already registered")
+    ARCHITECTURES[arch.name] = arch
+    return arch
+
+
+def _count(pattern: str, keys: Iterable[str]) -> tuple[int, ...]:
+    """Blocks per stage: ``pattern``'s groups are (stage, block index) or (block index)."""
+    blocks: dict[int, set[str]] = {}
+    for key in keys:
+        if m := re.match(pattern, key):
+            stage, index = (int(m[1]), m[2]) if len(m.groups()) == 2 else (0, m[1])
+            blocks.setdefault(stage, set()).add(index)
+    return tuple(len(blocks[stage]) for stage in sorted(blocks))
+
+
+def _shape0(state_dict: Mapping[str, torch.Tensor], key: str) -> int | None:
+    return int(state_dict[key].shape[0]) if key in state_dict else None
+
+
+def _resnet_fingerprint(sd: Mapping[str, torch.Tensor]) -> tuple:
+    """(blocks per stage, bottleneck blocks?, stem width)"""
+    return _count(r"^layer(\d+)\.(\d+)\.", sd), "layer1.0.conv3.weight" in sd, _shape0(sd, "conv1.weight")
+
+
+def _densenet_fingerprint(sd: Mapping[str, torch.Tensor]) -> tuple:
+    """(dense layers per block, stem width)"""
+    return _count(r"^features\.denseblock(\d+)\.denselayer(\d+)\.", sd), _shape0(sd, "features.conv0.weight")
+
+
+def _vit_fingerprint(sd: Mapping[str, torch.Tensor]) -> tuple:
+    """((encoder blocks,), hidden width)"""
+    return _count(r"^encoder\.layers\.encoder_layer_(\d+)\.", sd), _shape0(sd, "conv_proj.weight")
+
+
+RESNET = Family("resnet", _resnet_fingerprint, resnet_layer_groups)
+DENSENET = Family("densenet", _densenet_fingerprint, densenet_layer_groups)
+VIT = Family("vit", _vit_fingerprint, vit_layer_groups)
+
 
 def _vit(hidden: int, heads: int, mlp: int) -> Callable[[int], nn.Module]:
     def build(num_classes: int) -> nn.Module:
@@ -57,49 +132,29 @@ def _cifar(depth: int) -> Callable[[int], nn.Module]:
     return lambda num_classes: CifarResNet(depth=depth, num_classes=num_classes)
 
 
-def _count(pattern: str, keys: Iterable[str]) -> tuple[int, ...]:
-    """Blocks per stage: ``pattern``'s groups are (stage, block index) or (block index)."""
-    blocks: dict[int, set[str]] = {}
-    for key in keys:
-        if m := re.match(pattern, key):
-            stage, index = (int(m[1]), m[2]) if len(m.groups()) == 2 else (0, m[1])
-            blocks.setdefault(stage, set()).add(index)
-    return tuple(len(blocks[stage]) for stage in sorted(blocks))
-
-
-def _shape0(state_dict: Mapping[str, torch.Tensor], key: str) -> int | None:
-    return int(state_dict[key].shape[0]) if key in state_dict else None
-
-
-# A cheap summary of a state dict per family (block counts and widths), used to pick the
-# one candidate architecture that is then checked tensor by tensor (check_architecture).
-FINGERPRINTS: dict[str, Callable[[Mapping[str, torch.Tensor]], tuple]] = {
-    "resnet": lambda sd: (
-        _count(r"^layer(\d+)\.(\d+)\.", sd), "layer1.0.conv3.weight" in sd, _shape0(sd, "conv1.weight")
-    ),
-    "densenet": lambda sd: (
-        _count(r"^features\.denseblock(\d+)\.denselayer(\d+)\.", sd), _shape0(sd, "features.conv0.weight")
-    ),
-    "vit": lambda sd: (
-        _count(r"^encoder\.layers\.encoder_layer_(\d+)\.", sd), _shape0(sd, "conv_proj.weight")
-    ),
-}
-
 _TV_RESNETS = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True),
                101: ((3, 4, 23, 3), True), 152: ((3, 8, 36, 3), True)}
 _TV_DENSENETS = {121: ((6, 12, 24, 16), 64), 161: ((6, 12, 36, 24), 96),
                  169: ((6, 12, 32, 32), 64), 201: ((6, 12, 48, 32), 64)}
 
-ARCHITECTURES: dict[str, Architecture] = {
-    **{f"resnet{d}": Architecture("resnet", _torchvision(f"resnet{d}"), "fc", (blocks, bottleneck, 64))
-       for d, (blocks, bottleneck) in _TV_RESNETS.items()},
-    **{f"resnet{d}": Architecture("resnet", _cifar(d), "fc", (((d - 2) // 6,) * 3, False, 16))
-       for d in (20, 32, 44, 56, 110)},
-    **{f"densenet{d}": Architecture("densenet", _torchvision(f"densenet{d}"), "classifier", config)
-       for d, config in _TV_DENSENETS.items()},
-    "vit_s16": Architecture("vit", _vit(hidden=384, heads=6, mlp=1536), "heads.head", ((12,), 384)),
-    "vit_b16": Architecture("vit", _vit(hidden=768, heads=12, mlp=3072), "heads.head", ((12,), 768)),
-}
+
+def _register_builtin() -> None:
+    for depth, (blocks, bottleneck) in _TV_RESNETS.items():
+        register(Architecture(f"resnet{depth}", RESNET, _torchvision(f"resnet{depth}"), head="fc",
+                              fingerprint=(blocks, bottleneck, 64)))
+    for depth in (20, 32, 44, 56, 110):
+        register(Architecture(f"resnet{depth}", RESNET, _cifar(depth), head="fc",
+                              fingerprint=(((depth - 2) // 6,) * 3, False, 16)))
+    for depth, config in _TV_DENSENETS.items():
+        register(Architecture(f"densenet{depth}", DENSENET, _torchvision(f"densenet{depth}"),
+                              head="classifier", fingerprint=config))
+    register(Architecture("vit_s16", VIT, _vit(hidden=384, heads=6, mlp=1536), head="heads.head",
+                          fingerprint=((12,), 384), input_size=224))
+    register(Architecture("vit_b16", VIT, _vit(hidden=768, heads=12, mlp=3072), head="heads.head",
+                          fingerprint=((12,), 768), input_size=224))
+
+
+_register_builtin()
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:
@@ -163,18 +218,58 @@ def check_architecture(arch: str, state_dict: Mapping[str, torch.Tensor]) -> str
 
 def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """The registered architecture whose weights match ``state_dict`` exactly, if any."""
-    fingerprints = {family: get(state_dict) for family, get in FINGERPRINTS.items()}
+    fingerprints: dict[str, tuple] = {}  # per family, computed once
     for arch, spec in ARCHITECTURES.items():
-        if spec.fingerprint == fingerprints[spec.family] and check_architecture(arch, state_dict) is None:
+        family = spec.family
+        if family.name not in fingerprints:
+            fingerprints[family.name] = family.fingerprint(state_dict)
+        if spec.fingerprint == fingerprints[family.name] and check_architecture(arch, state_dict) is None:
             return arch
     return None
+
+
+def resolve_arch(state_dict: Mapping[str, torch.Tensor], requested: str | None, source: str,
+                 flag: str = "--arch", allow_generic: bool = False, reference: str | None = None) -> str:
+    """The architecture of the checkpoint ``state_dict``: inferred from its tensors when
+    ``requested`` is None, else ``requested`` once checked against them.
+
+    ``source`` names the checkpoint (a path, ``-a PATH``) and ``flag`` what names the
+    architecture (``--arch``, or a parameter's name); both are in the messages.
+    ``allow_generic`` accepts :data:`GENERIC` (returned as it is, nothing checked) and
+    suggests it when nothing matches. With ``reference`` (the file ``requested`` was found
+    in) only a checkpoint recognisably of another architecture is refused: other
+    differences are left to the caller, which compares the tensors themselves.
+    Raises :class:`utils.UserError` with a one-line message saying what to do.
+    """
+    if requested is None:
+        arch = infer_arch(state_dict)
+        if arch is None:
+            generic = f", or {flag} {GENERIC} to group the weights of any model by block (docs/metric.md)"
+            raise UserError(f"{source}: cannot infer the architecture from its tensors; pass {flag} NAME "
+                            f"(one of {', '.join(ARCHITECTURES)}){generic if allow_generic else ''}")
+        return arch
+    if allow_generic and requested == GENERIC:
+        return GENERIC
+    if requested not in ARCHITECTURES:
+        raise UserError(f"{flag} {requested}: unknown architecture; choose one of {', '.join(ARCHITECTURES)}")
+    problem = check_architecture(requested, state_dict)
+    if problem is None:
+        return requested
+    found = infer_arch(state_dict)
+    if reference is not None:
+        if found is None:
+            return requested
+        raise UserError(f"{source}: is a {found} checkpoint but {reference} is {requested}; "
+                        "the checkpoints must all be of the same architecture")
+    seen = f"it is a {found} checkpoint" if found else problem
+    raise UserError(f"{flag} {requested} does not match {source}: {seen}; fix {flag} or the checkpoint")
 
 
 def layer_groups(arch: str, state_dict: Mapping[str, torch.Tensor]) -> list[LayerGroup]:
     """The ordered points of ``arch`` for a checkpoint (only its keys and shapes are read)."""
     if arch == GENERIC:
         return generic_layer_groups(state_dict)
-    return LAYER_MAPS[ARCHITECTURES[arch].family](list(state_dict))
+    return ARCHITECTURES[arch].family.layer_map(list(state_dict))
 
 
 def num_classes_of(arch: str, state_dict: Mapping[str, torch.Tensor]) -> int:

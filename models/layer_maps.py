@@ -1,7 +1,8 @@
 """Layer maps: which weight tensors make up each "layer" (point) of the transferability curve.
 
 A layer map turns a state dict's names into an ordered list of :class:`LayerGroup`s, in
-forward order. The rules (DESIGN.md section 1):
+forward order; each architecture's ``models.Family`` names its function. The rules (see
+docs/architectures.md for how they make the points of the T curve and how to add one):
 
 * ResNet (torchvision and the CIFAR ResNets): the stem ``conv1.weight``; one point per
   residual block holding its ``convK.weight`` tensors (the downsample shortcut, BN and
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -102,7 +103,7 @@ def vit_layer_groups(keys: Sequence[str]) -> list[LayerGroup]:
 
 
 def generic_layer_groups(state_dict: Mapping[str, torch.Tensor]) -> list[LayerGroup]:
-    """Grouping for any model: see the README's "Layer maps" section.
+    """Grouping for any model: see docs/metric.md, section "Layer maps".
 
     Every tensor whose name ends in ``weight`` and that has 2+ dimensions (conv, linear,
     embedding) is used. Tensors inside a numbered block (the name up to its first
@@ -124,9 +125,3 @@ def generic_layer_groups(state_dict: Mapping[str, torch.Tensor]) -> list[LayerGr
         result[-1] = LayerGroup(result[-1].name, result[-1].keys, is_head=True)
     return result
 
-
-LAYER_MAPS: dict[str, Callable[[Sequence[str]], list[LayerGroup]]] = {
-    "resnet": resnet_layer_groups,
-    "densenet": densenet_layer_groups,
-    "vit": vit_layer_groups,
-}

@@ -36,15 +36,15 @@ def forward_call_order(model: nn.Module, arch: str) -> dict[str, int]:
 
     for name, module in model.named_modules():
         module.register_forward_pre_hook(record(name))
-    size = 32 if ARCHITECTURES[arch].builder.__qualname__.startswith("_cifar") else 224
+    size = ARCHITECTURES[arch].input_size or 224  # None: any size does
     with torch.device("meta"):
         model(torch.empty(1, 3, size, size))
     return order
 
 
 def expected_weights(model: nn.Module, arch: str) -> tuple[set[str], str | None]:
-    """The weights each rule of DESIGN.md section 1 names, found from the modules, and the head."""
-    family = ARCHITECTURES[arch].family
+    """The weights each rule of docs/architectures.md names, found from the modules, and the head."""
+    family = ARCHITECTURES[arch].family.name
     expected: set[str] = set()
     for name, module in model.named_modules():
         if family == "resnet" and isinstance(module, nn.Conv2d) and "downsample" not in name:
