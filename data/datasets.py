@@ -196,7 +196,7 @@ def _split_per_class(files_by_class: Sequence[Sequence[str]], classes: Sequence[
 
 
 def _layout_error(root: Path, expected: Path, layout: str) -> UserError:
-    return UserError(f"--data_dir {root}: expected {expected} ({layout}); see README")
+    return UserError(f"--data_dir {root}: expected {expected} ({layout}); see docs/datasets.md")
 
 
 def _locate(root: Path, candidates: Sequence[Path], marker: str, layout: str) -> Path:
@@ -230,6 +230,8 @@ def _images_in(folder: Path) -> list[str]:
     return [str(folder / name) for name in files]
 
 
+# By hand, not np.loadtxt or csv: the free field may hold spaces, and a bad line must be a UserError
+# naming the file and the line.
 def _read_list_file(path: Path, fields: int, free_field: str = "last") -> list[tuple[int, list[str]]]:
     """``(line number, fields)`` of each non-blank line of a whitespace-separated list file;
     the ``free_field`` ("first" or "last") may itself hold spaces."""
@@ -514,7 +516,7 @@ class DatasetSpec:
     name: str                    # canonical name (``--dataset``)
     title: str                   # the paper's spelling
     num_classes: int | None      # None: decided by the data (imagefolder, synthetic)
-    train_size: int | None       # expected N of the training split (DESIGN.md section 3)
+    train_size: int | None       # expected N of the training split (docs/datasets.md)
     img_size: int                # default input resolution
     layout: str                  # the expected on-disk layout under --data_dir, one line
     build: Builder | None = field(repr=False, compare=False)  # None: synthetic, see build_dataset

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -25,6 +25,7 @@ import numpy as np
 import statsmodels.api as sm
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from statsmodels.graphics.regressionplots import plot_partregress
 
 from utils import UserError
 
@@ -81,6 +82,7 @@ def read_table(path: str | Path) -> list[dict]:
     return rows
 
 
+# By hand, not pandas.read_csv: a bad value must be a UserError naming its line and column.
 def _parse_row(path: Path, line: int, raw: Mapping[str, str | None]) -> dict:
     name = (raw.get("dataset") or "").strip()
     where = f"{path}: line {line}" + (f" ({name})" if name else "")
@@ -162,7 +164,10 @@ def _design(rows: Sequence[Row], log: Callable[[float], float]) -> tuple[np.ndar
 
 
 def _ols(predictors: np.ndarray, response: np.ndarray, log_label: str) -> RegressionFit:
+    # Not the formula interface (smf.ols): its design matrix is Fortran-ordered, which changes the
+    # rounding, e.g. an exact fit's noise-level standard errors, against this C-ordered one.
     design = np.column_stack([predictors, np.ones(len(response))])
+    # statsmodels' pinv fit never refuses a rank-deficient design; the user must hear of it.
     rank = np.linalg.matrix_rank(design)
     if rank < design.shape[1]:
         raise UserError(
@@ -188,16 +193,12 @@ def _ols(predictors: np.ndarray, response: np.ndarray, log_label: str) -> Regres
     )
 
 
-def standardize(columns: np.ndarray) -> np.ndarray:
-    """Each column to mean 0 and sample standard deviation (ddof=1) 1."""
-    return (columns - columns.mean(axis=0)) / columns.std(axis=0, ddof=1)
-
-
 def fit_log_transferability(
     rows: Sequence[Row], log: Callable[[float], float] = math.log
 ) -> RegressionFit:
     """Fit ``log T = a G + b D + c log N + d`` by OLS over ``rows`` (dicts with the keys
-    ``G``, ``D``, ``N``, ``T``), raw and with the three predictors standardised.
+    ``G``, ``D``, ``N``, ``T``), raw and with the three predictors standardised (mean 0,
+    sample standard deviation 1).
 
     ``log`` is applied to both ``T`` and ``N``; the default is the natural logarithm.
     """
@@ -205,18 +206,21 @@ def fit_log_transferability(
     label = _log_label(log)
     predictors, response = _design(rows, log)
     raw = _ols(predictors, response, label)
-    scaled = _ols(standardize(predictors), response, label)
-    return RegressionFit(
-        coefficients=raw.coefficients,
-        std_errors=raw.std_errors,
-        t_values=raw.t_values,
-        p_values=raw.p_values,
-        r2=raw.r2,
-        adj_r2=raw.adj_r2,
-        n=raw.n,
-        standardized=scaled,
-        log_label=label,
-    )
+    # z-scores by hand: scipy.stats.zscore rounds differently in the last bits, and published fits must not move
+    scaled = (predictors - predictors.mean(axis=0)) / predictors.std(axis=0, ddof=1)
+    return replace(raw, standardized=_ols(scaled, response, label))
+
+
+def _partial_design(
+    rows: Sequence[Row], predictor: str, log: Callable[[float], float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``log T``, the ``predictor`` column and the other two predictors with a constant."""
+    if predictor not in PREDICTORS:
+        raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}, not {predictor!r}")
+    predictors, response = _design(rows, log)
+    index = PREDICTORS.index(predictor)
+    others = np.column_stack([np.delete(predictors, index, axis=1), np.ones(len(response))])
+    return response, predictors[:, index], others
 
 
 def partial_residuals(
@@ -225,21 +229,13 @@ def partial_residuals(
     """The data of an added-variable plot for ``predictor`` (``G``, ``D`` or ``log_N``).
 
     Returns ``(x_resid, y_resid)``: the residuals of the predictor and of ``log T``, each
-    regressed by least squares on the other two predictors and a constant. By the
-    Frisch-Waugh-Lovell theorem the least-squares slope of ``y_resid`` on ``x_resid`` is
-    the predictor's coefficient in the multiple regression.
+    regressed by least squares on the other two predictors and a constant (as statsmodels'
+    ``plot_partregress`` computes them). By the Frisch-Waugh-Lovell theorem the least-squares
+    slope of ``y_resid`` on ``x_resid`` is the predictor's coefficient in the multiple
+    regression.
     """
-    if predictor not in PREDICTORS:
-        raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}, not {predictor!r}")
-    predictors, response = _design(rows, log)
-    index = PREDICTORS.index(predictor)
-    others = np.column_stack([np.delete(predictors, index, axis=1), np.ones(len(response))])
-
-    def residuals(target: np.ndarray) -> np.ndarray:
-        solution, *_ = np.linalg.lstsq(others, target, rcond=None)
-        return target - others @ solution
-
-    return residuals(predictors[:, index]), residuals(response)
+    response, column, others = _partial_design(rows, predictor, log)
+    return sm.OLS(column, others).fit().resid, sm.OLS(response, others).fit().resid
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -284,6 +280,7 @@ def _format_p(p: float) -> str:
     return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
 
 
+# By hand, not statsmodels' summary(): that has neither the standardised fit nor the equation.
 def _format_block(fit: RegressionFit, heading: str, standardized: bool) -> list[str]:
     lines = [heading, f"  {'term':<12}{'coef':>10}{'std err':>10}{'t':>9}{'p':>10}"]
     for term in TERMS:
@@ -317,51 +314,55 @@ def partial_regression_figure(
 ) -> bytes:
     """Added-variable plots, one panel per predictor, encoded as ``fmt`` image bytes.
 
-    Each panel shows the residuals of ``log T`` against those of the predictor (both
-    regressed on the other two predictors and a constant; see :func:`partial_residuals`),
-    labelled with the data set names, and the line through the origin whose slope is the
-    predictor's coefficient in ``fit``. ``rows`` and ``log`` must be those ``fit`` came from.
-    With ``colour_by`` (a key of the rows, e.g. the knob a study varied) the points are
-    coloured by that key with a legend instead of labelled one by one, which stays readable
-    for many rows.
+    Each panel is statsmodels' ``plot_partregress``: the residuals of ``log T`` against those
+    of the predictor (both regressed on the other two predictors and a constant; see
+    :func:`partial_residuals`), labelled with the data set names, and the line through the
+    origin whose slope is the predictor's coefficient in ``fit``. ``rows`` and ``log`` must
+    be those ``fit`` came from. With ``colour_by`` (a key of the rows, e.g. the knob a study
+    varied) the points are coloured by that key with a legend instead of labelled one by
+    one, which stays readable for many rows.
     """
     if len(rows) != fit.n or _log_label(log) != fit.log_label:
         raise ValueError("partial_regression_figure: rows/log are not those the fit was made from")
-    lg = fit.log_label
+    names = [str(row.get("dataset", "")) for row in rows]
+    groups = None if colour_by is None else [str(row.get(colour_by, "")) for row in rows]
     # A bare Figure on an Agg canvas: no pyplot, so no global figure state to leak or close.
     fig = Figure(figsize=(13.5, 4.4), dpi=150)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(PREDICTORS))
     try:
-        for ax, term in zip(axes, PREDICTORS):
-            x_resid, y_resid = partial_residuals(rows, term, log)
-            label = _term_label(term, lg, standardized=False)
-            if colour_by is None:
-                ax.scatter(x_resid, y_resid, s=18, zorder=3)
-                for row, x, y in zip(rows, x_resid, y_resid):
-                    ax.annotate(str(row.get("dataset", "")), (x, y), xytext=(3, 3),
-                                textcoords="offset points", fontsize=6)
-            else:
-                groups = list(dict.fromkeys(str(row.get(colour_by, "")) for row in rows))
-                for group in groups:
-                    chosen = [i for i, row in enumerate(rows) if str(row.get(colour_by, "")) == group]
-                    ax.scatter(x_resid[chosen], y_resid[chosen], s=18, zorder=3, alpha=0.85, label=group)
-            span = max(float(np.abs(x_resid).max()), 1e-12) * 1.1
-            xs = np.array([-span, span])
-            slope = fit.coefficients[term]
-            ax.plot(xs, slope * xs, color="tab:red", linewidth=1.2,
-                    label=f"slope {slope:.3g}")
-            ax.axhline(0.0, color="0.8", linewidth=0.8, zorder=1)
-            ax.axvline(0.0, color="0.8", linewidth=0.8, zorder=1)
-            ax.set_xlabel(f"{label} | others")
-            ax.set_ylabel(f"{lg} T | others")
-            ax.set_title(f"{label}: coef {slope:.3g}, p = {_format_p(fit.p_values[term])}",
-                         fontsize="medium")
-            ax.legend(fontsize="small", loc="best")
-        fig.suptitle(f"Partial regression of {lg} T (n = {fit.n}, R^2 = {fit.r2:.3f})")
+        for ax, term in zip(fig.subplots(1, len(PREDICTORS)), PREDICTORS):
+            _partial_regression_panel(ax, _partial_design(rows, term, log), term, fit, names, groups)
+        fig.suptitle(f"Partial regression of {fit.log_label} T (n = {fit.n}, R^2 = {fit.r2:.3f})")
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format=fmt)
         return buffer.getvalue()
     finally:
         fig.clear()
+
+
+def _partial_regression_panel(ax, design: tuple[np.ndarray, np.ndarray, np.ndarray], term: str,
+                              fit: RegressionFit, names: list[str], groups: list[str] | None) -> None:
+    """One panel of :func:`partial_regression_figure` on ``ax``; ``design`` is
+    :func:`_partial_design`'s."""
+    response, column, others = design
+    # plot_partregress draws all points in one colour: with groups they are hidden and redrawn
+    # per group from the coordinates it returns.
+    _, (x_resid, y_resid) = plot_partregress(
+        response, column, others, obs_labels=names if groups is None else False, ax=ax,
+        ret_coords=True, markersize=4.2, zorder=3, visible=groups is None,
+    )
+    for text in ax.texts:
+        text.set_fontsize(6)  # plot_partregress writes the data set names x-large
+    if groups is not None:
+        for group in dict.fromkeys(groups):
+            chosen = np.array([g == group for g in groups])
+            ax.scatter(x_resid[chosen], y_resid[chosen], s=18, zorder=3, alpha=0.85, label=group)
+        ax.legend(fontsize="small", loc="best")
+    ax.axhline(0.0, color="0.8", linewidth=0.8, zorder=1)
+    ax.axvline(0.0, color="0.8", linewidth=0.8, zorder=1)
+    label = _term_label(term, fit.log_label, standardized=False)
+    ax.set_xlabel(f"{label} | others")
+    ax.set_ylabel(f"{fit.log_label} T | others")
+    ax.set_title(f"{label}: coef {fit.coefficients[term]:.3g}, p = {_format_p(fit.p_values[term])}",
+                 fontsize="medium")

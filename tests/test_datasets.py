@@ -465,8 +465,8 @@ def test_split_must_be_train_or_val(layout):
 # ------------------------------------------------------------------------ the registry
 
 
-# DESIGN.md section 3 (the paper's table): classes and training-set size N.
-DESIGN_TABLE = {
+# The paper's table (docs/datasets.md): classes and training-set size N.
+PAPER_TABLE = {
     "cifar10": (10, 50_000), "cifar100": (100, 50_000), "caltech101": (102, 3_060),
     "cub200": (200, 5_994), "aircraft": (100, 6_667), "flowers": (17, 1_088), "landuse": (21, 1_680),
     "pocus": (3, 1_692), "dtd": (47, 1_880), "domainnet-r": (345, 120_906),
@@ -475,8 +475,8 @@ DESIGN_TABLE = {
 }
 
 
-def test_registry_matches_the_design_table():
-    assert {name: (spec.num_classes, spec.train_size) for name, spec in DATASETS.items()} == DESIGN_TABLE
+def test_registry_matches_the_paper_table():
+    assert {name: (spec.num_classes, spec.train_size) for name, spec in DATASETS.items()} == PAPER_TABLE
 
 
 def test_registry_image_sizes_and_layouts():
@@ -541,7 +541,7 @@ def test_an_empty_data_dir_names_the_expected_path(tmp_path, name):
         build_dataset(name, tmp_path, "train")
     text = error_text(excinfo)
     assert text.startswith(f"--data_dir {tmp_path}: expected {tmp_path / EXPECTED_FIRST[name]} (")
-    assert text.endswith("see README")
+    assert text.endswith("see docs/datasets.md")
 
 
 def test_cub_error_message_is_the_documented_one(tmp_path):
@@ -549,7 +549,7 @@ def test_cub_error_message_is_the_documented_one(tmp_path):
         build_dataset("CUB-200", tmp_path, "train")
     assert error_text(excinfo) == (
         f"--data_dir {tmp_path}: expected {tmp_path}/CUB_200_2011/images.txt ({DATASETS['cub200'].layout}); "
-        "see README")
+        "see docs/datasets.md")
 
 
 @pytest.mark.parametrize("name, relative", [
@@ -642,6 +642,31 @@ def test_dtd_split_file_missing_a_class_is_refused(tmp_path):
     test1.write_text("".join(line + "\n" for line in kept))
     with pytest.raises(UserError, match="lists 2 classes but .* has 3 class folders .*blotchy"):
         build_dataset("dtd", tmp_path, "val")
+
+
+@pytest.mark.parametrize("name, relative, extra, expected", [
+    ("domainnet-r", "real_train.txt", "real/zebra/x.jpg", "line 8: expected 2 fields"),
+    ("domainnet-r", "real_train.txt", "real/zebra/x.jpg zero", "line 8: 'zero' is not an integer"),
+    ("cub200", "CUB_200_2011/train_test_split.txt", "13", "line 13: expected 2 fields"),
+    ("cub200", "CUB_200_2011/classes.txt", "four 004.Groove_billed_Ani", "line 4: 'four' is not an integer"),
+])
+def test_a_malformed_list_file_line_is_named(tmp_path, name, relative, extra, expected):
+    LAYOUTS[name](tmp_path)
+    with open(tmp_path / relative, "a") as handle:
+        handle.write(extra + "\n")
+    with pytest.raises(UserError) as excinfo:
+        build_dataset(name, tmp_path, "train")
+    assert error_text(excinfo).startswith(f"{tmp_path / relative}: {expected}")
+    assert error_text(excinfo).endswith("the file is damaged, extract it again")
+
+
+def test_a_list_file_path_may_hold_spaces(tmp_path):
+    make_domainnet(tmp_path, "real")
+    relative = "real/zebra/real 001 000099.jpg"
+    write_image(tmp_path / relative, 0)
+    with open(tmp_path / "real_train.txt", "a") as handle:
+        handle.write(f"{relative} 0\n")
+    assert (str(tmp_path / relative), 0) in build_dataset("domainnet-r", tmp_path, "train").samples
 
 
 def test_a_damaged_cifar_batch_is_a_user_error(tmp_path):
