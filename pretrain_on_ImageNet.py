@@ -5,17 +5,16 @@
 
 theta_r (``-r``) is written before the first step: exactly the weights training starts from.
 theta_A (``-a``) is the best-validation weights. Both are plain state dicts that
-cal_transferability.py reads. Runs on several GPUs or nodes under torchrun (see README).
+cal_transferability.py reads. Runs on several GPUs or nodes under torchrun (docs/cli.md).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import engine
 from models import ARCHITECTURES
-from utils import run_cli, save_state_dict
+from utils import run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -23,7 +22,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--arch", default="resnet50", choices=list(ARCHITECTURES), help="(default: %(default)s)")
     parser.add_argument("--dataset", default="imagenet",
                         help="imagenet (default), or synthetic[:OPTIONS] for the embedded source task")
-    parser.add_argument("--data_dir", help="the dataset's folder (see README for each layout)")
+    parser.add_argument("--data_dir", help="the dataset's folder (layouts: docs/datasets.md)")
     parser.add_argument("--img_size", type=int, help="input size (default: the dataset's, 224 for ImageNet)")
     parser.add_argument("-r", "--random_init", default="random_init_model.pth",
                         help="where theta_r goes (default: %(default)s)")
@@ -47,16 +46,7 @@ def source_task(dataset: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    best, last, log = engine.run_files(args.pretrained)
-
-    def save_initialisation(model, resuming: bool, is_main: bool) -> None:
-        if not resuming and is_main:
-            save_state_dict(model.state_dict(), args.random_init)
-            print(f"wrote theta_r to {args.random_init}", flush=True)
-
-    return engine.run_training(
-        args, best_path=args.pretrained, outputs={Path(args.random_init): "-r", best: "-a", last: "-a", log: "-a"},
-        schedule="step", label="pre-train", init_model=save_initialisation)
+    return engine.pretrain(engine.job_from_args(args), args.random_init, args.pretrained)
 
 
 if __name__ == "__main__":

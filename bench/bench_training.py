@@ -39,6 +39,8 @@ from torchvision.datasets import ImageFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
+from data.loading import build_train_val, default_workers  # noqa: E402
+from engine.processes import join_process_group  # noqa: E402
 from data import NORMALIZE_MEAN, NORMALIZE_STD  # noqa: E402
 from data.synthetic import build_synthetic  # noqa: E402
 from models import build_model  # noqa: E402
@@ -81,14 +83,14 @@ def ours(root: Path, arch: str, img_size: int, batch_size: int, epochs: int, cla
          out: Path, amp: str = "off", cache: str = "auto") -> tuple[float, float | None]:
     """Training images/s of the last epoch, and the seconds spent reading the files into
     memory before the first (None when the images were not cached)."""
-    train, val, _, augment = engine.build_train_val("imagefolder", str(root), img_size, False, False, 0)
+    train, val, _, augment = build_train_val("imagefolder", str(root), img_size, False, False, 0)
     torch.manual_seed(0)
     model = build_model(arch, classes)
     settings = engine.TrainSettings(epochs=epochs, batch_size=batch_size, lr=0.01, weight_decay=1e-4,
                                     workers=workers, amp=amp, cache=cache, label="bench")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
-        result = engine.fit(model, train, val, settings, engine.init_processes("cpu"),
+        result = engine.fit(model, train, val, settings, join_process_group("cpu"),
                             out / f"bench_{amp}_{cache}.pth", augment=augment)
     reading = re.search(r"read in ([0-9.]+) s", printed.getvalue())
     # engine.fit trains on the 80 % train split; images/s counts only what it trained on.
@@ -121,7 +123,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--per_class", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=engine.default_workers(torch.device("cpu")))
+    parser.add_argument("--workers", type=int, default=default_workers(torch.device("cpu")))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 
+import psutil
 import torch
 
 CACHE_MODES = ("auto", "on", "off")
@@ -24,19 +25,9 @@ CACHE_MODES = ("auto", "on", "off")
 AUTO_MEMORY_SHARE = 0.25
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux: MemAvailable), None if unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+def available_memory() -> int:
+    """Bytes of memory available to new allocations without swapping (Linux: MemAvailable)."""
+    return psutil.virtual_memory().available
 
 
 def processes_on_node() -> int:

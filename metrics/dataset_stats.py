@@ -357,7 +357,7 @@ class PenultimateFeatures(FeatureExtractor):
     """
 
     def __init__(self, arch: str | None, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]) -> None:
-        from models import ARCHITECTURES, build_model, check_architecture, infer_arch, num_classes_of
+        from models import ARCHITECTURES, build_model, num_classes_of, resolve_arch
 
         if isinstance(checkpoint, Mapping):
             source, state_dict = "the given state dict", dict(checkpoint)
@@ -366,19 +366,7 @@ class PenultimateFeatures(FeatureExtractor):
             path = Path(checkpoint)
             source, state_dict = str(path), load_state_dict_safely(path)
             digest = _file_digest(path)
-        if arch is None:
-            arch = infer_arch(state_dict)
-            if arch is None:
-                raise UserError(f"{source}: cannot infer the architecture from its tensors; name it "
-                                f"(one of {', '.join(ARCHITECTURES)})")
-        elif arch not in ARCHITECTURES:
-            raise UserError(f"architecture {arch!r} is unknown; known: {', '.join(ARCHITECTURES)}")
-        problem = check_architecture(arch, state_dict)
-        if problem is not None:
-            found = infer_arch(state_dict)
-            seen = f"it looks like a {found} checkpoint" if found else problem
-            raise UserError(f"{source}: is not a {arch} checkpoint ({seen}); give a {arch} checkpoint "
-                            "or the matching architecture")
+        arch = resolve_arch(state_dict, arch, source, flag="arch")
         head_name = ARCHITECTURES[arch].head
         if f"{head_name}.weight" not in state_dict:
             raise UserError(f"{source}: has no classifier head ({head_name}.weight is missing)")
@@ -626,6 +614,19 @@ def cached_features(cache_dir: str | os.PathLike, extractor: FeatureExtractor, d
 # ------------------------------------------------------------------------- statistics
 
 
+def _check_enough_images(target_features: np.ndarray, target_labels: np.ndarray, source_features: np.ndarray,
+                         compared_part: np.ndarray) -> np.ndarray:
+    """Refuse sets too small for G or D; returns the target's images per class."""
+    if min(target_features.shape[0], compared_part.shape[0]) < GAP_MIN_SAMPLES:
+        raise UserError(f"G needs at least {GAP_MIN_SAMPLES} target and {2 * GAP_MIN_SAMPLES} source images; "
+                        f"got {target_features.shape[0]} and {source_features.shape[0]}")
+    _, counts = np.unique(target_labels, return_counts=True)
+    if not (counts >= 2).any():
+        raise UserError(f"D needs a class with at least two images; the {target_features.shape[0]} target "
+                        "images used have one per class")
+    return counts
+
+
 def dataset_statistics(target_train: Dataset, source_train: Dataset, extractor: FeatureExtractor, *,
                        max_samples: int | None = 2000, cache_dir: str | os.PathLike | None = None,
                        target_key: str | None = None, source_key: str | None = None,
@@ -671,13 +672,7 @@ def dataset_statistics(target_train: Dataset, source_train: Dataset, extractor: 
     order = rng.permutation(source_features.shape[0])
     basis_part = source_features[np.sort(order[: len(order) // 2])]
     compared_part = source_features[np.sort(order[len(order) // 2 :])]
-    if min(target_features.shape[0], compared_part.shape[0]) < GAP_MIN_SAMPLES:
-        raise UserError(f"G needs at least {GAP_MIN_SAMPLES} target and {2 * GAP_MIN_SAMPLES} source images; "
-                        f"got {target_features.shape[0]} and {source_features.shape[0]}")
-    _, counts = np.unique(target_labels, return_counts=True)
-    if not (counts >= 2).any():
-        raise UserError(f"D needs a class with at least two images; the {target_features.shape[0]} target "
-                        "images used have one per class")
+    counts = _check_enough_images(target_features, target_labels, source_features, compared_part)
     gap = gap_estimate(compared_part, target_features, basis_features=basis_part, dims=gap_dims,
                        samples=max_samples, seed=rng)
     d = int(target_features.shape[1])

@@ -1,4 +1,4 @@
-"""Layer-wise transferability from parameter distances (DESIGN.md section 1).
+"""Layer-wise transferability from parameter distances (the definitions: docs/metric.md).
 
     T_l = D(theta_r[l], theta_FB[l]) / D(theta_A[l], theta_FB[l])
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+import data.loading as loading
 import engine
+from engine.processes import join_process_group
 import finetune
 from data import build_dataset, build_transform
 from data.cache import AUTO_MEMORY_SHARE, ImageCache, should_cache
@@ -55,10 +57,10 @@ def test_cache_gives_the_data_loaders_batches():
     samples = make_samples(23, skipped={4, 5, 17})
     cache = ImageCache.from_samples(iter(samples), len(samples))
     assert cache.nbytes == 23 * 3 * 5 * 5 and cache.loaded.sum() == 20
-    sampler = engine.EpochSampler(len(samples), seed=3)
+    sampler = loading.EpochSampler(len(samples), seed=3)
     sampler.set_epoch(2)
-    loader = torch.utils.data.DataLoader(samples, batch_size=8, sampler=sampler, collate_fn=engine.collate_batch)
-    cached = engine.CachedLoader(cache, sampler, batch_size=8, pin_memory=False)
+    loader = torch.utils.data.DataLoader(samples, batch_size=8, sampler=sampler, collate_fn=loading.collate_batch)
+    cached = loading.CachedLoader(cache, sampler, batch_size=8, pin_memory=False)
     assert len(cached) == len(loader) == 3
     pairs = list(zip(loader, cached, strict=True))
     for (images, labels, skipped), (c_images, c_labels, c_skipped) in pairs:
@@ -164,7 +166,7 @@ def test_a_signal_while_caching_stops_before_anything_is_written(tmp_path):
     settings = engine.TrainSettings(epochs=1, batch_size=16, lr=0.01, weight_decay=0.0, workers=0, cache="on")
     said = []
     result = engine.fit(build_model("resnet20", 2), SignalsWhileRead(), SignalsWhileRead(), settings,
-                        engine.init_processes("cpu"), tmp_path / "b.pth", announce=said.append, augment=BatchAugment(8))
+                        join_process_group("cpu"), tmp_path / "b.pth", announce=said.append, augment=BatchAugment(8))
     assert result.stopped_by == signal.SIGTERM and result.history == []
     assert "stopped by signal 15 while reading the images" in said[-1]
     assert list(tmp_path.iterdir()) == []

@@ -485,7 +485,7 @@ def test_script_prints_warnings_on_stderr(script_runs):
     assert "Overall transferability: 3.00" in proc.stdout
 
 
-# --------------------------------- training scripts: the augmentation flags (engine.py)
+# --------------------------------- training scripts: the augmentation flags (engine/cli.py)
 
 
 TRAINING_SCRIPT = "pretrain_on_ImageNet.py"

@@ -1,4 +1,4 @@
-"""pretrain_on_ImageNet.py, finetune.py and the shared loop in engine.py, on tiny synthetic tasks."""
+"""pretrain_on_ImageNet.py, finetune.py and the shared loop (engine/, data/loading.py), on tiny synthetic tasks."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import cal_transferability
+import data.loading as loading
 import engine
 import finetune
 import pretrain_on_ImageNet
@@ -48,7 +49,7 @@ def finetune_argv(a: Path, b: Path, *extra: str, epochs: int = 2) -> list[str]:
 
 def test_pretrain_writes_the_initialisation_it_started_from(pretrained):
     r, a = pretrained
-    engine.seed_everything(0)
+    engine.checkpoint.seed_everything(0)
     expected = build_model("resnet20", num_classes=6).state_dict()
     theta_r, theta_a = load_state_dict_safely(r), load_state_dict_safely(a)
     assert theta_r.keys() == expected.keys()
@@ -90,53 +91,53 @@ def test_load_backbone_takes_everything_but_the_head():
     source = build_model("resnet20", 6).state_dict()
     model = build_model("resnet20", 4)
     head_before = model.fc.weight.clone()
-    engine.load_backbone(model, source, "fc", "-a x.pth")
+    engine.runs.load_backbone(model, source, "fc", "-a x.pth")
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], source[k]) for k in source if not k.startswith("fc."))
     assert torch.equal(model.fc.weight, head_before)
     del source["layer2.0.conv1.weight"]
     with pytest.raises(UserError, match="layer2.0.conv1.weight is missing"):
-        engine.load_backbone(build_model("resnet20", 4), source, "fc", "-a x.pth")
+        engine.runs.load_backbone(build_model("resnet20", 4), source, "fc", "-a x.pth")
 
 
 # ------------------------------------------------------------------ sampler and seeds
 
 
 def test_epoch_sampler_shards_cover_everything_once():
-    shards = [list(engine.EpochSampler(10, seed=0, rank=r, world_size=3, shuffle=False)) for r in range(3)]
+    shards = [list(loading.EpochSampler(10, seed=0, rank=r, world_size=3, shuffle=False)) for r in range(3)]
     assert sorted(i for shard in shards for i in shard) == list(range(10))
-    train = [engine.EpochSampler(10, seed=0, rank=r, world_size=3) for r in range(3)]
+    train = [loading.EpochSampler(10, seed=0, rank=r, world_size=3) for r in range(3)]
     assert [len(s) for s in train] == [4, 4, 4]  # padded, as DistributedSampler
     assert set(i for s in train for i in s) == set(range(10))
 
 
 def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
-    a, b = engine.EpochSampler(50, seed=1), engine.EpochSampler(50, seed=1)
+    a, b = loading.EpochSampler(50, seed=1), loading.EpochSampler(50, seed=1)
     assert list(a) == list(b)
     a.set_epoch(1)
     assert list(a) != list(b)
     b.set_epoch(1, skip=7)
     assert list(b) == list(a)[7:] and len(b) == 43
-    assert list(engine.EpochSampler(50, seed=2)) != list(engine.EpochSampler(50, seed=1))
+    assert list(loading.EpochSampler(50, seed=2)) != list(loading.EpochSampler(50, seed=1))
 
 
 def test_sample_seeds_follow_the_global_position_in_the_epoch():
     """--augment pil: each sample's seed is fixed by (seed, epoch, position in the epoch's
     order), whichever rank draws it and wherever a resumed epoch starts."""
-    single = engine.EpochSampler(10, seed=4, sample_seeds=True)
+    single = loading.EpochSampler(10, seed=4, sample_seeds=True)
     single.set_epoch(3)
     pairs = list(single)
-    plain = engine.EpochSampler(10, seed=4)
+    plain = loading.EpochSampler(10, seed=4)
     plain.set_epoch(3)
     assert [index for index, _ in pairs] == list(plain)
-    assert [seed for _, seed in pairs] == [engine.step_seed(4, 3, position) for position in range(10)]
-    ranks = [engine.EpochSampler(10, seed=4, rank=r, world_size=2, sample_seeds=True) for r in range(2)]
+    assert [seed for _, seed in pairs] == [loading.step_seed(4, 3, position) for position in range(10)]
+    ranks = [loading.EpochSampler(10, seed=4, rank=r, world_size=2, sample_seeds=True) for r in range(2)]
     for sampler in ranks:
         sampler.set_epoch(3)
     assert [pair for both in zip(*ranks) for pair in both] == pairs  # interleaved: the same (index, seed)s
     ranks[1].set_epoch(3, skip=2)
     assert list(ranks[1]) == pairs[5::2] and len(ranks[1]) == 3
-    three = [engine.EpochSampler(10, seed=4, rank=r, world_size=3, sample_seeds=True) for r in range(3)]
+    three = [loading.EpochSampler(10, seed=4, rank=r, world_size=3, sample_seeds=True) for r in range(3)]
     for sampler in three:
         sampler.set_epoch(3)
     padded = [pair for shares in zip(*three) for pair in shares]  # 12: two samples drawn twice
@@ -145,9 +146,9 @@ def test_sample_seeds_follow_the_global_position_in_the_epoch():
 
 
 def test_step_seeds_differ_by_run_epoch_and_step():
-    seeds = {engine.step_seed(s, e, t) for s in range(3) for e in range(3) for t in range(50)}
+    seeds = {loading.step_seed(s, e, t) for s in range(3) for e in range(3) for t in range(50)}
     assert len(seeds) == 450 and all(0 <= seed < 2**63 for seed in seeds)
-    assert engine.step_seed(0, 1, 2) == engine.step_seed(0, 1, 2)
+    assert loading.step_seed(0, 1, 2) == loading.step_seed(0, 1, 2)
 
 
 # ------------------------------------------------------------- resume, bit for bit
@@ -230,14 +231,14 @@ PIL_TARGET = "synthetic:classes=4,n=10,n_val=2,size=16,gap=0.5"
 
 
 def pil_batches(workers: int, epoch: int = 1, skip: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    train, _, _, augment = engine.build_train_val(PIL_TARGET, None, None, 0.0, False, 0, "pil")
-    assert augment is None and isinstance(train, engine.SeededSamples)
-    sampler = engine.EpochSampler(len(train), seed=5, sample_seeds=True)
+    train, _, _, augment = loading.build_train_val(PIL_TARGET, None, None, 0.0, False, 0, "pil")
+    assert augment is None and isinstance(train, loading.SeededSamples)
+    sampler = loading.EpochSampler(len(train), seed=5, sample_seeds=True)
     sampler.set_epoch(epoch, skip)
-    loader = torch.utils.data.DataLoader(engine.ReportingFailures(train), batch_size=8, sampler=sampler,
-                                         num_workers=workers, collate_fn=engine.collate_batch,
+    loader = torch.utils.data.DataLoader(loading.ReportingFailures(train), batch_size=8, sampler=sampler,
+                                         num_workers=workers, collate_fn=loading.collate_batch,
                                          generator=torch.Generator().manual_seed(0))  # as fit's loaders
-    return [(images, labels) for images, labels, _ in map(engine.unpack_batch, loader)]
+    return [(images, labels) for images, labels, _ in map(loading.unpack_batch, loader)]
 
 
 def test_pil_augmentation_gives_the_same_batches_with_any_number_of_workers():
@@ -263,7 +264,7 @@ def test_pil_augmentation_is_the_seeds_per_image_pipeline():
     from data import build_dataset
     from data.transforms import build_transform
 
-    train, _, _, _ = engine.build_train_val(PIL_TARGET, None, None, 0.0, False, 0, "pil")
+    train, _, _, _ = loading.build_train_val(PIL_TARGET, None, None, 0.0, False, 0, "pil")
     raw = build_dataset(PIL_TARGET, None, "train")
     image, label = train[(3, 1234)]
     with torch.random.fork_rng(devices=[]):
@@ -505,7 +506,8 @@ def test_compiled_model_trains(pretrained, tmp_path):
 def test_norm_weight_decay_puts_normalisation_parameters_in_their_own_group():
     """--norm_weight_decay (as torchvision's reference scripts): BatchNorm's scales and shifts
     decay at their own rate, every other parameter at --weight_decay; without it, one group."""
-    from engine import TrainSettings, parameter_groups
+    from engine import TrainSettings
+    from engine.optim import parameter_groups
     from models import build_model
 
     model = build_model("resnet20", num_classes=5)

@@ -1,0 +1,192 @@
+"""A training run's files, written atomically, and resuming from them.
+
+Files of a run whose best weights go to ``OUT.pth``: ``OUT.pth`` (plain state dict, written
+on improvement), ``OUT.last.pth`` (full checkpoint: weights, optimizer, scheduler, scaler,
+RNG states, the position inside the epoch and the history; every epoch and on
+SIGTERM/SIGINT) and ``OUT.log.jsonl`` (one JSON object per epoch). Together with the
+seeding rules of :mod:`data.loading`, a run resumed from any ``.last.pth`` ends with the
+same weights, bit for bit on the CPU, as a run that was never stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.optim import Optimization
+from utils import UserError, check_writable, save_state_dict, write_atomically
+
+CHECKPOINT_FORMAT = "transferability-train-1"
+
+# What a resumed run must share with the run that wrote its checkpoint.
+RESUME_KEYS = ("arch", "dataset", "augment", "color_jitter")
+
+
+def run_files(best_path: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """``OUT.pth`` -> (``OUT.pth``, ``OUT.last.pth``, ``OUT.log.jsonl``)."""
+    best = Path(best_path)
+    stem = best.with_suffix("") if best.suffix else best
+    return best, stem.with_name(stem.name + ".last.pth"), stem.with_name(stem.name + ".log.jsonl")
+
+
+def check_outputs(outputs: Mapping[Path, str], overwrite: bool, resume: bool) -> None:
+    """Refuse to replace a file unless --overwrite or --resume; fail early on unwritable
+    paths. ``outputs`` maps each file to the flag that names it."""
+    for path, flag in outputs.items():
+        check_writable(path, flag)
+        if path.exists() and not (overwrite or resume):
+            raise UserError(f"{flag} {path}: exists; pass --overwrite to replace it or --resume to continue its run")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """The global generators' states (torch, CUDA, numpy, Python), as tensors and numbers
+    that ``torch.load(weights_only=True)`` reads back."""
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": list(random.getstate()[1]),
+    }
+
+
+def set_rng_state(state: Mapping) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached"]))
+    random.setstate((3, tuple(state["python"]), None))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A training checkpoint written by :class:`Checkpointer`, read with ``weights_only=True``."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"--resume {path}: no such file; give the run's .last.pth checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read is the user's file
+        raise UserError(f"--resume {path}: not a readable training checkpoint ({str(err).splitlines()[0][:120]})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"--resume {path}: not a training checkpoint of this project (no '{CHECKPOINT_FORMAT}' "
+                        "format tag); give the run's .last.pth file")
+    return checkpoint
+
+
+def check_resume(checkpoint: Mapping, settings, keys: Sequence[str] = RESUME_KEYS) -> None:
+    """A resume checkpoint must come from a run of the same architecture, dataset and
+    training augmentation (``--augment``, ``--color_jitter``); ``settings`` has these as
+    attributes, and ``resume``, the checkpoint's path."""
+    saved = checkpoint.get("args", {})
+    for key in keys:
+        if key not in saved:
+            raise UserError(f"--resume {settings.resume}: was written by an older version that did not record "
+                            f"--{key}; start a new run")
+        if saved[key] != getattr(settings, key):
+            raise UserError(f"--resume {settings.resume}: was written by a run with --{key} {saved[key]}, "
+                            f"not {getattr(settings, key)}; resume with the same --{key} or start a new run")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel and torch.compile wrappers."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies in the standard (contiguous) layout, whatever the model's memory format."""
+    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for k, v in unwrap(model).state_dict().items()}
+
+
+@dataclass
+class RunProgress:
+    """Where a run stands: finished epochs, steps done in the next one and its statistics
+    so far (``partial``), the best validation accuracy and the per-epoch history."""
+
+    epoch: int = 0
+    step: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    history: list[dict] = field(default_factory=list)
+    partial: dict = field(default_factory=dict)
+
+
+class Checkpointer:
+    """Owns the best / last / log files of a run whose best weights go to ``best_path``.
+
+    Only the main process writes; every write is atomic, so a crash leaves the previous
+    files whole.
+    """
+
+    def __init__(self, best_path: str | os.PathLike, is_main: bool) -> None:
+        self.best_path, self.last_path, self.log_path = run_files(best_path)
+        self.is_main = is_main
+
+    def save_best(self, model: nn.Module) -> None:
+        if self.is_main:
+            save_state_dict(model_state(model), self.best_path)
+
+    def save_last(self, model: nn.Module, optimization: Optimization, progress: RunProgress, args: dict) -> None:
+        """The full checkpoint (``.last.pth``) and the log of finished epochs."""
+        if not self.is_main:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT, "model": model_state(model), **optimization.state_dicts(),
+            "epoch": progress.epoch, "step": progress.step, "best_acc": progress.best_acc,
+            "best_epoch": progress.best_epoch, "history": progress.history, "partial": progress.partial,
+            "rng": rng_state(), "args": args,
+        }
+        write_atomically(self.last_path, lambda handle: torch.save(state, handle))
+        text = "".join(json.dumps(entry) + "\n" for entry in progress.history)
+        write_atomically(self.log_path, lambda handle: handle.write(text), mode="w")
+
+    @staticmethod
+    def restore(checkpoint: Mapping, model: nn.Module, optimization: Optimization) -> RunProgress:
+        """Load a checkpoint from :func:`load_checkpoint` into the model, the optimizer,
+        scheduler and scaler, and the global RNGs; return where the run stood."""
+        unwrap(model).load_state_dict(checkpoint["model"])
+        optimization.load_state_dicts(checkpoint)
+        set_rng_state(checkpoint["rng"])
+        return RunProgress(checkpoint["epoch"], checkpoint["step"], checkpoint["best_acc"], checkpoint["best_epoch"],
+                           list(checkpoint["history"]), dict(checkpoint.get("partial") or {}))
+
+
+class StopRequests:
+    """Turns SIGTERM/SIGINT into a flag (``signum``) that the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequests":
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def requested(self) -> bool:
+        return bool(self.signum)
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)

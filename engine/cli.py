@@ -1,0 +1,58 @@
+"""The flags the two training scripts share, and the :class:`engine.runs.TrainJob` they make."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from engine.runs import TrainJob
+from utils import add_device_flag
+
+
+def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -> None:
+    """The flags both scripts share, with each script's defaults."""
+    parser.add_argument("--max_epoch", type=int, default=epochs, help="epochs (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=batch_size,
+                        help="images per step and process (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=lr, help="initial learning rate (default: %(default)s)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    parser.add_argument("--weight_decay", type=float, default=1e-4, help="(default: %(default)s)")
+    parser.add_argument("--norm_weight_decay", type=float, metavar="WD",
+                        help="weight decay of the normalisation layers' scales and shifts (BatchNorm, "
+                        "LayerNorm, GroupNorm), as torchvision's reference scripts offer (default: "
+                        "--weight_decay, every parameter decayed alike, as the seed does)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentation")
+    parser.add_argument("--color_jitter", type=float, default=0.0, metavar="S",
+                        help="colour jitter of strength S in [0, 1]: brightness, contrast and saturation "
+                        "factors drawn from [1-S, 1+S] (default: 0, none, as the seed's argument-less "
+                        "ColorJitter(), which is the identity)")
+    parser.add_argument("--augment", choices=["batch", "pil"], default="batch",
+                        help="where the training augmentation runs: batch (default) resizes each image once "
+                        "and crops, flips (and jitters) whole batches on the training device; pil runs the "
+                        "seed's per-image torchvision pipeline while loading (Resize, RandomResizedCrop, "
+                        "RandomHorizontalFlip, [ColorJitter], ToTensor, Normalize) on the PIL image, or on "
+                        "the uint8 tensor the synthetic data set gives; the same distributions, and the "
+                        "seed's uint8 rounding of each crop. pil reads every training image at every "
+                        "epoch: --cache on is refused and auto caches the validation images only")
+    add_device_flag(parser)
+    parser.add_argument("--workers", type=int,
+                        help="data-loading processes per training process (default: 0 when training on "
+                        "the CPU, whose cores the model already uses; min(8, CPU cores / GPUs) on GPUs)")
+    parser.add_argument("--cache", choices=["auto", "on", "off"], default="auto",
+                        help="hold the decoded, resized images in memory after reading them once (default: "
+                        "auto, when both splits take at most a quarter of the available memory; same results; "
+                        "with --augment pil only the validation images)")
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                        help="mixed precision (default: off, which keeps fp32 results)")
+    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                        help="channels-last memory layout (default: on; same maths, faster convolutions)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--sync_bn", action="store_true", help="synchronise BatchNorm across processes")
+    parser.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (the run's .last.pth)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--skip_corrupt", action="store_true",
+                        help="skip (and count) unreadable images instead of stopping")
+
+
+def job_from_args(args: argparse.Namespace) -> TrainJob:
+    """The :class:`TrainJob` of a training script's parsed flags (same names)."""
+    return TrainJob(**{f.name: getattr(args, f.name) for f in fields(TrainJob) if hasattr(args, f.name)})

@@ -1,0 +1,164 @@
+"""A whole training run as the two scripts (and reproduce.py) start it, from one settings
+object (:class:`TrainJob`): check the outputs, build the data and the model, :func:`fit`.
+
+    job = TrainJob(dataset="synthetic:classes=10", arch="resnet20", max_epoch=30, batch_size=128, lr=0.01)
+    finetune(job, start="ckpt/demo_pretrained.pth", finetuned="out.pth")
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+from torch import nn
+
+from data.loading import build_train_val, default_workers
+from engine.checkpoint import check_outputs, check_resume, load_checkpoint, run_files, seed_everything
+from engine.loop import fit
+from engine.processes import barrier, join_process_group, leave_process_group
+from engine.settings import TrainSettings
+from utils import UserError
+
+
+@dataclass
+class TrainJob:
+    """The settings of one training run: the training scripts' flags, by the same names."""
+
+    dataset: str
+    arch: str | None  # None: inferred from the starting weights (fine-tuning)
+    max_epoch: int
+    batch_size: int
+    lr: float
+    data_dir: str | None = None
+    img_size: int | None = None  # None: the data set's size
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    norm_weight_decay: float | None = None
+    lr_step: int = 40  # pre-training's step schedule
+    seed: int = 0
+    color_jitter: float = 0.0
+    augment: str = "batch"
+    device: str = "auto"
+    workers: int | None = None  # None: data.loading.default_workers
+    cache: str = "auto"
+    amp: str = "off"
+    channels_last: bool = True
+    compile: bool = False
+    sync_bn: bool = False
+    resume: str | None = None
+    overwrite: bool = False
+    skip_corrupt: bool = False
+    progress: bool = True  # progress bars (on the main process)
+
+
+def train_settings(job: TrainJob, device, *, schedule: str, label: str, outputs: list[str]) -> TrainSettings:
+    """The loop's settings; checkpoints record the job and the files it writes."""
+    recorded = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job).items()}, "outputs": outputs}
+    return TrainSettings(
+        epochs=job.max_epoch, batch_size=job.batch_size, lr=job.lr, weight_decay=job.weight_decay,
+        norm_weight_decay=job.norm_weight_decay, momentum=job.momentum, schedule=schedule, step_size=job.lr_step,
+        seed=job.seed, workers=job.workers if job.workers is not None else default_workers(device),
+        amp=job.amp, channels_last=job.channels_last, compile=job.compile, sync_bn=job.sync_bn, cache=job.cache,
+        label=label, progress=job.progress, args=recorded,
+    )
+
+
+def run_training(job: TrainJob, *, best_path: str | os.PathLike, outputs: Mapping[Path, str], schedule: str,
+                 label: str, init_model: Callable[[nn.Module, bool, bool], None],
+                 announce: Callable[[str], None] | None = None) -> int:
+    """What both scripts do around :func:`fit`; returns the exit status (128 + the signal
+    number when a stop signal ended the run).
+
+    ``outputs`` maps every file the run writes to the flag that names it.
+    ``init_model(model, resuming, is_main)`` runs on every process once all of them have
+    checked the outputs, so that nothing is written before every check passed.
+    """
+    from models import build_model
+
+    process = join_process_group(job.device)
+    announce = process.printer(announce)
+    try:
+        if job.augment == "pil" and job.cache == "on":
+            raise UserError("--cache on: --augment pil reads and augments every training image at every "
+                            "step, so the training images are never held in memory; use --cache auto (which "
+                            "holds the validation images when they fit) or off, or --augment batch")
+        check_outputs(outputs, job.overwrite, job.resume is not None)
+        resume = None
+        if job.resume:
+            resume = load_checkpoint(job.resume)
+            check_resume(resume, job)
+        train, val, job.img_size, augment = build_train_val(
+            job.dataset, job.data_dir, job.img_size, job.color_jitter, job.skip_corrupt, job.seed, job.augment)
+        seed_everything(job.seed)
+        model = build_model(job.arch, num_classes=len(train.classes))
+        barrier(process)
+        init_model(model, resume is not None, process.is_main)
+        settings = train_settings(job, process.device, schedule=schedule, label=label,
+                                  outputs=[str(path) for path in outputs])
+        result = fit(model, train, val, settings, process, best_path, resume, announce, augment)
+    finally:
+        leave_process_group(process)
+    if result.stopped_by:
+        return 128 + result.stopped_by
+    announce(f"best val acc {result.best_acc:.2f}% at epoch {result.best_epoch}; weights in {best_path}")
+    return 0
+
+
+def pretrain(job: TrainJob, random_init: str | os.PathLike, pretrained: str | os.PathLike,
+             announce: Callable[[str], None] | None = None) -> int:
+    """Pre-train from a fresh initialisation (saved to ``random_init``, theta_r) to the
+    best-validation weights ``pretrained`` (theta_A), with the step schedule."""
+    from utils import save_state_dict
+
+    best, last, log = run_files(pretrained)
+    say = announce or (lambda text: print(text, flush=True))
+
+    def save_initialisation(model: nn.Module, resuming: bool, is_main: bool) -> None:
+        if not resuming and is_main:
+            save_state_dict(model.state_dict(), random_init)
+            say(f"wrote theta_r to {random_init}")
+
+    return run_training(job, best_path=pretrained, outputs={Path(random_init): "-r", best: "-a", last: "-a", log: "-a"},
+                        schedule="step", label="pre-train", init_model=save_initialisation, announce=announce)
+
+
+def finetune(job: TrainJob, start: str | os.PathLike, finetuned: str | os.PathLike, *, start_flag: str = "-a",
+             announce: Callable[[str], None] | None = None) -> int:
+    """Fine-tune the weights at ``start`` (theta_A; theta_r for the from-scratch baseline,
+    named by ``start_flag``) to the best-validation weights ``finetuned`` (theta_FB), with
+    the cosine schedule. The classifier head is a new ``nn.Linear`` in PyTorch's default
+    initialisation, for every architecture, as the seed does. ``job.arch`` None: inferred
+    from the weights."""
+    from models import ARCHITECTURES, fresh_head, resolve_arch
+    from utils import load_state_dict_safely
+
+    state_dict = load_state_dict_safely(start)
+    job.arch = resolve_arch(state_dict, job.arch, f"{start_flag} {start}")
+    best, last, log = run_files(finetuned)
+
+    def load_start(model: nn.Module, resuming: bool, is_main: bool) -> None:
+        fresh_head(model, job.arch)
+        load_backbone(model, state_dict, ARCHITECTURES[job.arch].head, f"{start_flag} {start}")
+
+    return run_training(job, best_path=finetuned, outputs={best: "-b", last: "-b", log: "-b"}, schedule="cosine",
+                        label="fine-tune", init_model=load_start, announce=announce)
+
+
+def load_backbone(model: nn.Module, state_dict: Mapping, head: str, source: str) -> None:
+    """Load every weight but the classifier ``head`` from ``state_dict`` into ``model``;
+    every non-head tensor of the model must be there with the same shape (``source`` names
+    the file and flag in the error)."""
+    own = model.state_dict()
+    prefix = head + "."
+    for key, tensor in own.items():
+        if key.startswith(prefix):
+            continue
+        if key not in state_dict:
+            raise UserError(f"{source}: tensor {key} is missing; is it a checkpoint of this --arch?")
+        if state_dict[key].shape != tensor.shape:
+            raise UserError(f"{source}: tensor {key} has shape {list(state_dict[key].shape)}, the model "
+                            f"expects {list(tensor.shape)}; is it a checkpoint of this --arch?")
+    missing, _ = model.load_state_dict(
+        {k: v for k, v in state_dict.items() if not k.startswith(prefix) and k in own}, strict=False)
+    assert all(k.startswith(prefix) for k in missing), missing

@@ -1,0 +1,29 @@
+"""What the training loop needs to know, as one settings object."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainSettings:
+    """The loop's settings (the scripts build them from their flags: engine.runs)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    momentum: float = 0.9
+    norm_weight_decay: float | None = None  # for normalisation layers' parameters; None: weight_decay
+    schedule: str = "cosine"  # "cosine" or "step"
+    step_size: int = 40
+    gamma: float = 0.1
+    seed: int = 0
+    workers: int = 2
+    amp: str = "off"  # "off", "bf16", "fp16"
+    channels_last: bool = True
+    compile: bool = False
+    sync_bn: bool = False
+    cache: str = "auto"  # decoded images in memory: "auto", "on", "off" (data.cache)
+    label: str = "train"
+    progress: bool = True  # progress bars on the main process
+    args: dict = field(default_factory=dict)  # the run's settings as flags, stored in checkpoints
