@@ -18,8 +18,8 @@ import math
 import sys
 from pathlib import Path
 
-from plotting import figure_format, layerwise_grid_bytes
-from utils import UserError, check_writable, commit_outputs, run_cli
+from plotting import layerwise_grid_bytes
+from utils import Outputs, UserError, add_device_flag, add_output_flags, run_cli
 
 STATS_COLUMNS = ("dataset", "N", "G", "D", "T", "feature_dim", "samples", "features")
 
@@ -30,7 +30,7 @@ STATS_COLUMNS = ("dataset", "N", "G", "D", "T", "feature_dim", "samples", "featu
 def add_stats_parser(subparsers) -> None:
     parser = subparsers.add_parser("stats", help="N, G and D of downstream datasets (the paper's Section 3 table)")
     parser.add_argument("--dataset", nargs="+", required=True, metavar="NAME", help="one or more downstream datasets")
-    parser.add_argument("--data_dir", help="folder of the downstream dataset(s) (see README for each layout)")
+    parser.add_argument("--data_dir", help="folder of the downstream dataset(s) (layouts: docs/datasets.md)")
     parser.add_argument("-a", "--pretrained", help="theta_A, whose penultimate-layer features are used")
     parser.add_argument("--source", default="imagenet", help="the pre-training dataset (default: %(default)s)")
     parser.add_argument("--source_dir", help="folder of the pre-training dataset")
@@ -41,15 +41,14 @@ def add_stats_parser(subparsers) -> None:
                         help="images per dataset used for G and D (a seeded subset; default: %(default)s)")
     parser.add_argument("--img_size", type=int, help="input size (default: the dataset's)")
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add_device_flag(parser)
     parser.add_argument("--cache_dir", default=".cache/features",
                         help="features are cached here per (checkpoint, dataset, split) (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--transferability", nargs="+", metavar="RESULT.json",
                         help="cal_transferability.py --json files: fills the T column with the overall value "
                         "of the result whose label is the dataset's name (use --labels there)")
-    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
-    parser.add_argument("--csv", metavar="PATH", help="write the rows as CSV (ready for 'analyze.py regress')")
+    add_output_flags(parser, json="write the rows as JSON", csv="write the rows as CSV (ready for 'analyze.py regress')")
     parser.set_defaults(run=run_stats)
 
 
@@ -75,7 +74,7 @@ def run_stats(args) -> int:
     from metrics.dataset_stats import dataset_statistics
     from utils import resolve_device
 
-    outputs = {flag: check_writable(path, flag) for flag, path in (("--json", args.json), ("--csv", args.csv)) if path}
+    outputs = Outputs.of(args, "--json", "--csv")
     device = resolve_device(args.device)
     overall = {label: value for path in args.transferability or [] for label, value in read_overall(path).items()}
     missing = [name for name in args.dataset if overall and name not in overall]
@@ -101,18 +100,16 @@ def run_stats(args) -> int:
     return 0
 
 
-def write_rows(outputs: dict, rows: list[dict], columns) -> None:
-    writers = []
+def write_rows(outputs: Outputs, rows: list[dict], columns) -> None:
     if "--json" in outputs:
-        text = json.dumps(rows, indent=2) + "\n"
-        writers.append((outputs["--json"], lambda f, text=text: f.write(text), "w"))
+        outputs.add("--json", json.dumps(rows, indent=2) + "\n")
     if "--csv" in outputs:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        writers.append((outputs["--csv"], lambda f, text=buffer.getvalue(): f.write(text), "w"))
-    commit_outputs(writers)
+        outputs.add("--csv", buffer.getvalue())
+    outputs.commit()
 
 
 # ---------------------------------------------------------------------------- regress
@@ -121,33 +118,22 @@ def write_rows(outputs: dict, rows: list[dict], columns) -> None:
 def add_regress_parser(subparsers) -> None:
     parser = subparsers.add_parser("regress", help="fit ln T = a G + b D + c ln N + d by least squares")
     parser.add_argument("table", help="CSV with columns dataset, G, D, N, T (others are ignored)")
-    parser.add_argument("--json", metavar="PATH", help="write the fit as JSON")
-    parser.add_argument("--fig", metavar="PATH", default="Figs/regression.png",
-                        help="partial-regression figure (default: %(default)s)")
-    parser.add_argument("--no_fig", action="store_true", help="do not draw the figure")
+    add_output_flags(parser, json="write the fit as JSON", fig="Figs/regression.png", fig_help="partial-regression figure")
     parser.set_defaults(run=run_regress)
 
 
 def run_regress(args) -> int:
     from metrics.regression import fit_log_transferability, fit_to_dict, format_fit, partial_regression_figure, read_table
 
-    outputs = {flag: check_writable(path, flag) for flag, path in
-               (("--json", args.json), ("--fig", None if args.no_fig else args.fig)) if path}
-    if "--fig" in outputs and figure_format(args.fig) is None:
-        raise UserError(f"--fig {args.fig}: unknown image format; end the name in .png, .pdf or .svg")
+    outputs = Outputs.of(args, "--json", "--fig")
     rows = read_table(args.table)
     fit = fit_log_transferability(rows)
     print(format_fit(fit, title=f"{args.table}: {len(rows)} datasets"))
-    writers = []
     if "--json" in outputs:
-        text = json.dumps(fit_to_dict(fit), indent=2) + "\n"
-        writers.append((outputs["--json"], lambda f, text=text: f.write(text), "w"))
+        outputs.add("--json", json.dumps(fit_to_dict(fit), indent=2) + "\n")
     if "--fig" in outputs:
-        image = partial_regression_figure(rows, fit, figure_format(args.fig))
-        writers.append((outputs["--fig"], lambda f, image=image: f.write(image), "wb"))
-    commit_outputs(writers)
-    for path in outputs.values():
-        print(f"wrote {path}", file=sys.stderr)
+        outputs.add("--fig", partial_regression_figure(rows, fit, outputs.image_format("--fig")))
+    outputs.commit()
     return 0
 
 
@@ -204,16 +190,12 @@ def read_results(path: str) -> list[tuple[str, list[float]]]:
 
 
 def run_figure(args) -> int:
-    out = check_writable(args.out, "--out")
-    fmt = figure_format(args.out)
-    if fmt is None:
-        raise UserError(f"--out {args.out}: unknown image format; end the name in .png, .pdf or .svg")
+    outputs = Outputs({"--out": args.out}, figures=("--out",))
     if args.columns < 1:
         raise UserError(f"--columns {args.columns}: must be at least 1")
     panels = [panel for path in args.results for panel in read_results(path)]
-    image = layerwise_grid_bytes(panels, fmt, columns=args.columns)
-    commit_outputs([(out, lambda f: f.write(image), "wb")])
-    print(f"wrote {out} ({len(panels)} panels)")
+    outputs.add("--out", layerwise_grid_bytes(panels, outputs.image_format("--out"), columns=args.columns))
+    outputs.commit(announce=lambda path: print(f"wrote {path} ({len(panels)} panels)"))
     return 0
 
 

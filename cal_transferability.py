@@ -22,9 +22,17 @@ import torch
 from tqdm import tqdm
 
 from metrics import COS_INIT_WARNING, NonFiniteTensorError, Transferability, TransferabilityMeter
-from models import ARCHITECTURES, GENERIC, build_model, check_architecture, infer_arch, layer_groups, num_classes_of
-from plotting import figure_format, layerwise_figure_bytes
-from utils import UserError, check_writable, commit_outputs, load_state_dict_safely, resolve_device, run_cli
+from models import ARCHITECTURES, GENERIC, build_model, layer_groups, num_classes_of, resolve_arch
+from plotting import layerwise_figure_bytes
+from utils import (
+    Outputs,
+    UserError,
+    add_device_flag,
+    add_output_flags,
+    load_state_dict_safely,
+    resolve_device,
+    run_cli,
+)
 
 CKPT_DIR = Path(__file__).resolve().parent / "ckpt"
 DEMO_RANDOM = CKPT_DIR / "demo_random_init.pth"
@@ -41,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("-r", "--random_init", metavar="PATH",
                         help="theta_r: the random initialisation pre-training started from, or "
-                        "'random:SEED' to draw a fresh one (an approximation; see README)")
+                        "'random:SEED' to draw a fresh one (an approximation; see docs/metric.md)")
     parser.add_argument("-a", "--pretrained", metavar="PATH", help="theta_A: the pre-trained weights")
     parser.add_argument("-b", "--finetuned", metavar="PATH", nargs="+", action="extend",
                         help="theta_FB: one or more fine-tuned checkpoints")
@@ -50,12 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "any model's weights by numbered block")
     parser.add_argument("--labels", nargs="+", metavar="NAME",
                         help="a label per -b file for the printout, JSON/CSV and legend (default: file names)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    parser.add_argument("--csv", metavar="PATH", help="write the results as CSV, one row per layer")
-    parser.add_argument("--fig", metavar="PATH", default="Figs/transferability.png",
-                        help="figure of T per layer (default: %(default)s; .png, .pdf or .svg)")
-    parser.add_argument("--no_fig", action="store_true", help="do not draw the figure")
+    add_device_flag(parser)
+    add_output_flags(parser, json="write the results as JSON", csv="write the results as CSV, one row per layer",
+                     fig="Figs/transferability.png", fig_help="figure of T per layer")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also print a table per layer: D(theta_r, theta_FB), D(theta_A, theta_FB), T, and "
                         "how far pre-training moved it, D(theta_r, theta_A) and the cosine similarity of theta_r "
@@ -99,23 +104,6 @@ def _check_same_tensors(path: str, state_dict: Mapping[str, torch.Tensor], refer
             raise UserError(f"{path}: tensor {key} is {state_dict[key].dtype}, not a floating-point weight")
 
 
-def _resolve_arch(requested: str | None, path: str, theta_a: Mapping[str, torch.Tensor]) -> str:
-    if requested == GENERIC:
-        return GENERIC
-    if requested is not None:
-        problem = check_architecture(requested, theta_a)
-        if problem:
-            found = infer_arch(theta_a)
-            seen = f"it looks like {found}" if found else problem
-            raise UserError(f"--arch {requested} does not match {path}: {seen}; fix --arch or the checkpoint")
-        return requested
-    arch = infer_arch(theta_a)
-    if arch is None:
-        raise UserError(f"{path}: cannot infer the architecture from its tensors; pass --arch NAME, "
-                        f"or --arch {GENERIC} to group the weights of any model by block (see README)")
-    return arch
-
-
 def _random_init(spec: str, arch: str, theta_a: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     seed_text = spec[len(RANDOM_PREFIX):]
     try:
@@ -133,7 +121,7 @@ def _random_init(spec: str, arch: str, theta_a: Mapping[str, torch.Tensor]) -> d
 def load_inputs(args: argparse.Namespace) -> Inputs:
     """Read every checkpoint once and check that they belong together."""
     theta_a = load_state_dict_safely(args.pretrained)
-    arch = _resolve_arch(args.arch, args.pretrained, theta_a)
+    arch = resolve_arch(theta_a, args.arch, args.pretrained, allow_generic=True)
     keys = [k for g in layer_groups(arch, theta_a) if not g.is_head for k in g.keys]
     if not keys:
         raise UserError(f"{args.pretrained}: holds no weight tensors to compare")
@@ -147,11 +135,8 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
         others.append((args.random_init, theta_r))
     finetuned = [(path, load_state_dict_safely(path)) for path in args.finetuned]
     for path, state_dict in others + finetuned:
-        if arch != GENERIC and check_architecture(arch, state_dict) is not None:
-            found = infer_arch(state_dict)
-            if found is not None:
-                raise UserError(f"{path}: is a {found} checkpoint but {args.pretrained} is {arch}; "
-                                "all three checkpoints must be of the same architecture")
+        if arch != GENERIC:
+            resolve_arch(state_dict, arch, path, reference=args.pretrained)
         _check_same_tensors(path, state_dict, args.pretrained, theta_a, keys)
     return Inputs(arch, theta_r, theta_a, finetuned)
 
@@ -182,7 +167,7 @@ def report(result: Transferability, verbose: bool) -> None:
 
 
 def warn_if_pretraining_stayed_home(result: Transferability) -> None:
-    """One line on stderr when theta_A is still close to theta_r (see README: when T means something)."""
+    """One line on stderr when theta_A is still close to theta_r (docs/metric.md: when T means something)."""
     median = result.median_cos_init
     if math.isfinite(median) and median > COS_INIT_WARNING:
         print(f"note: theta_A is still close to theta_r (median cosine similarity {median:.2f} over the "
@@ -239,10 +224,7 @@ def default_labels(paths: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    outputs = {flag: check_writable(path, flag) for flag, path in
-               (("--json", args.json), ("--csv", args.csv), ("--fig", None if args.no_fig else args.fig)) if path}
-    if "--fig" in outputs and figure_format(args.fig) is None:
-        raise UserError(f"--fig {args.fig}: unknown image format; end the name in .png, .pdf or .svg")
+    outputs = Outputs.of(args, "--json", "--csv", "--fig")
     device = resolve_device(args.device)
     inputs = load_inputs(args)
     meter = TransferabilityMeter(layer_groups(inputs.arch, inputs.theta_a), inputs.theta_r, inputs.theta_a, device)
@@ -261,21 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     if results:
         warn_if_pretraining_stayed_home(results[0][2])  # theta_r and theta_A are the same for every -b
 
-    writers = []
     if "--json" in outputs:
-        text = json.dumps(results_json(args, inputs.arch, results), indent=2, allow_nan=False) + "\n"
-        writers.append((outputs["--json"], lambda f, text=text: f.write(text), "w"))
+        outputs.add("--json", json.dumps(results_json(args, inputs.arch, results), indent=2, allow_nan=False) + "\n")
     if "--csv" in outputs:
-        text = results_csv(results)
-        writers.append((outputs["--csv"], lambda f, text=text: f.write(text), "w"))
+        outputs.add("--csv", results_csv(results))
     if "--fig" in outputs:
-        xlabel = "block" if ARCHITECTURES.get(inputs.arch) and ARCHITECTURES[inputs.arch].family == "vit" else "layer"
-        image = layerwise_figure_bytes([(label, r.values, r.overall) for _, label, r in results],
-                                       figure_format(args.fig), xlabel)
-        writers.append((outputs["--fig"], lambda f, image=image: f.write(image), "wb"))
-    commit_outputs(writers)
-    for flag, path in outputs.items():
-        print(f"wrote {path}", file=sys.stderr)
+        spec = ARCHITECTURES.get(inputs.arch)
+        xlabel = "block" if spec and spec.family.name == "vit" else "layer"
+        outputs.add("--fig", layerwise_figure_bytes([(label, r.values, r.overall) for _, label, r in results],
+                                                    outputs.image_format("--fig"), xlabel))
+    outputs.commit()
     return 0
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils import UserError, run_cli, write_atomically
+from utils import UserError, add_device_flag, run_cli, write_atomically
 
 ARCH = "resnet20"
 
@@ -154,21 +154,29 @@ def dataset_option(options: dict, seed: int) -> str:
     return "synthetic:" + ",".join(f"{k}={v}" for k, v in sorted({**options, "seed": seed}.items()))
 
 
-def quiet(path: Path):
-    """Send a training run's printout to its own log file instead of the console."""
-    handle = open(path, "a")
-    stack = contextlib.ExitStack()
-    stack.enter_context(handle)
-    stack.enter_context(contextlib.redirect_stdout(handle))
-    stack.enter_context(contextlib.redirect_stderr(handle))
-    return stack
+@contextlib.contextmanager
+def training_log(path: Path):
+    """An ``announce`` function that appends a training run's lines to its own log file
+    instead of the console."""
+    with open(path, "a") as handle:
+        yield lambda text: print(text, file=handle, flush=True)
+
+
+def training_job(study: Study, dataset: str, last: Path, device: str, **settings):
+    """The settings of one of the study's training runs; it resumes from ``last`` when a
+    stopped run left it."""
+    import engine
+
+    return engine.TrainJob(dataset=dataset, arch=study.arch, batch_size=study.batch_size, device=device,
+                           resume=str(last) if last.exists() else None, overwrite=not last.exists(), progress=False,
+                           **settings)
 
 
 # --------------------------------------------------------------------------- the runs
 
 
 def pretrain(study: Study, out: Path, device: str) -> Path:
-    import pretrain_on_ImageNet
+    import engine
 
     key = [RECIPE, study.source, study.pretrain_epochs, study.pretrain_lr_step, study.pretrain_lr,
            study.pretrain_weight_decay, study.pretrain_norm_weight_decay, study.batch_size, study.arch,
@@ -178,17 +186,12 @@ def pretrain(study: Study, out: Path, device: str) -> Path:
     if done.exists():
         return run
     run.mkdir(parents=True, exist_ok=True)
-    last = run / "a.last.pth"
-    argv = ["--dataset", f"synthetic:{study.source}", "--arch", study.arch, "--max_epoch", str(study.pretrain_epochs),
-            "--lr_step", str(study.pretrain_lr_step), "--lr", str(study.pretrain_lr),
-            "--weight_decay", str(study.pretrain_weight_decay), "--batch_size", str(study.batch_size),
-            *(["--norm_weight_decay", str(study.pretrain_norm_weight_decay)]
-              if study.pretrain_norm_weight_decay is not None else []),
-            "--seed", "0", "--device", device, "-r", str(run / "r.pth"), "-a", str(run / "a.pth")]
-    argv += ["--resume", str(last)] if last.exists() else ["--overwrite"]
+    job = training_job(study, f"synthetic:{study.source}", run / "a.last.pth", device, seed=0,
+                       max_epoch=study.pretrain_epochs, lr_step=study.pretrain_lr_step, lr=study.pretrain_lr,
+                       weight_decay=study.pretrain_weight_decay, norm_weight_decay=study.pretrain_norm_weight_decay)
     tick = time.perf_counter()
-    with quiet(run / "train.out"):
-        status = pretrain_on_ImageNet.main(argv)
+    with training_log(run / "train.out") as announce:
+        status = engine.pretrain(job, run / "r.pth", run / "a.pth", announce=announce)
     if status != 0:
         raise UserError(f"pre-training stopped (status {status}); run reproduce.py again to resume it")
     seconds = time.perf_counter() - tick  # of the call that finished it (a resumed run: its last part)
@@ -225,7 +228,7 @@ def pretrained_tools(arch: str, pretrained: Path, device: str):
 
 def finetune_and_measure(study: Study, pretrained: Path, target: Target, seed: int, out: Path, device: str) -> dict:
     """Fine-tune one target with one seed, then measure T; cached in the run's result.json."""
-    import finetune
+    import engine
     from utils import load_state_dict_safely
 
     dataset = dataset_option(target.options, seed)
@@ -236,15 +239,12 @@ def finetune_and_measure(study: Study, pretrained: Path, target: Target, seed: i
     if result_path.exists():
         return json.loads(result_path.read_text())
     run.mkdir(parents=True, exist_ok=True)
-    b, last = run / "b.pth", run / "b.last.pth"
-    argv = ["--dataset", dataset, "-a", str(pretrained / "a.pth"), "-b", str(b), "--arch", study.arch,
-            "--max_epoch", str(study.finetune_epochs), "--lr", str(target.lr),
-            "--weight_decay", str(study.finetune_weight_decay), "--batch_size", str(study.batch_size),
-            "--seed", str(seed), "--device", device]
-    argv += ["--resume", str(last)] if last.exists() else ["--overwrite"]
+    b = run / "b.pth"
+    job = training_job(study, dataset, run / "b.last.pth", device, seed=seed, max_epoch=study.finetune_epochs,
+                       lr=target.lr, weight_decay=study.finetune_weight_decay)
     tick = time.perf_counter()
-    with quiet(run / "train.out"):
-        status = finetune.main(argv)
+    with training_log(run / "train.out") as announce:
+        status = engine.finetune(job, pretrained / "a.pth", b, announce=announce)
     if status != 0:
         raise UserError(f"fine-tuning {target.name} (seed {seed}) stopped (status {status}); "
                         "run reproduce.py again to resume")
@@ -443,7 +443,7 @@ def report_findings(study: Study, fit, verdicts: list[dict], paper: dict, figure
               format_fit(fit, title="ln T = a G + b D + c ln N + d"), "```", "",
               f"![partial regression]({figures['regression']})", "",
               "## The paper's findings", "",
-              "Each verdict is decided by the rule the README defines, applied the same way to this study and to "
+              "Each verdict is decided by the rule docs/analysis.md defines, applied the same way to this study and to "
               "the paper's own data (its ResNet-50 table for finding 1, its twelve ResNet-50 layer-wise curves "
               "for finding 2).", "",
               "Finding | This study | The paper's data", "--- | --- | ---"]
@@ -486,7 +486,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=list(PRESETS),
                         help=f"{DEFAULT_PRESET} (default: the paper's regime), quick, or tiny (seconds; for tests)")
     parser.add_argument("--seeds", type=int, help="number of seeds per target (default: the preset's)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add_device_flag(parser)
     args = parser.parse_args(argv)
     if args.quick and args.preset not in (None, "quick"):
         parser.error("--quick and --preset disagree; give one")
@@ -528,23 +528,10 @@ def knob_panels(study: Study, runs: list[dict]) -> list:
     return panels
 
 
-def main(argv: list[str] | None = None) -> int:
-    from metrics.regression import fit_log_transferability, fit_to_dict, format_fit, partial_regression_figure
-    from plotting import knob_panels_bytes
-    from utils import check_writable, commit_outputs, resolve_device
-
-    started = time.perf_counter()
-    args = parse_args(argv)
-    study = PRESETS[args.preset]
-    if args.seeds is not None:
-        if args.seeds < 1:
-            raise UserError(f"--seeds {args.seeds}: must be at least 1")
-        study = replace(study, seeds=tuple(range(1, args.seeds + 1)))
-    out = check_writable(Path(args.out) / "report.md", "--out").parent
-    device = str(resolve_device(args.device))
-
-    targets = target_configs(study)
-    jobs = [(target, seed) for target in targets for seed in study.seeds]
+def run_study(study: Study, out: Path, device: str) -> tuple[Path, list[dict], dict]:
+    """Pre-train, fine-tune and measure every target of ``study`` (cached runs are read
+    back); returns the pre-training run's folder, the runs and N, G, D per data set."""
+    jobs = [(target, seed) for target in target_configs(study) for seed in study.seeds]
     progress = tqdm(total=1 + len(jobs), desc="study", unit="run")
     progress.set_postfix_str("pre-training")
     pretrained = pretrain(study, out, device)
@@ -558,6 +545,26 @@ def main(argv: list[str] | None = None) -> int:
     datasets = {run["dataset"]: (run["options"], run["seed"]) for run in runs}
     stats = {name: measure_dataset(study, pretrained, options, seed, out, device)
              for name, (options, seed) in datasets.items()}
+    return pretrained, runs, stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    from metrics.regression import fit_log_transferability, fit_to_dict, format_fit, partial_regression_figure
+    from plotting import knob_panels_bytes
+    from utils import Outputs, resolve_device
+
+    started = time.perf_counter()
+    args = parse_args(argv)
+    study = PRESETS[args.preset]
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise UserError(f"--seeds {args.seeds}: must be at least 1")
+        study = replace(study, seeds=tuple(range(1, args.seeds + 1)))
+    figures = {"regression": "regression.png", "layerwise": "layerwise_transferability.png"}
+    files = ("study_table.csv", "study.json", *figures.values(), "report.md")
+    outputs = Outputs({name: Path(args.out) / name for name in files}, figures=(), flag="--out")
+    out, device = Path(args.out), str(resolve_device(args.device))
+    pretrained, runs, stats = run_study(study, out, device)
 
     rows, table = regression_rows(runs, stats)
     fit = fit_log_transferability(rows)
@@ -569,23 +576,18 @@ def main(argv: list[str] | None = None) -> int:
     timing = {"machine": machine_line(time.perf_counter() - started, device),
               "pretrain": f"{done['seconds'] / 60:.1f} min" if done.get("seconds") else "not recorded",
               "finetune": sum(r.get("seconds", 0.0) for r in runs)}
-
-    panels = knob_panels(study, runs)
-    figures = {"regression": "regression.png", "layerwise": "layerwise_transferability.png"}
     report = report_markdown(study, args.preset, runs, stats, fit, verdicts, shapes, paper, diagnostics, figures,
                              timing)
     summary = {"preset": args.preset, "study": asdict(study), "recipe": RECIPE, "fit": fit_to_dict(fit),
                "findings": verdicts, "paper_findings": [paper["finding1"], paper["finding2"]],
                "diagnostics": diagnostics, "stats": stats, "runs": runs,
                "shapes": [shape.as_dict() for shape in shapes], "timing": timing}
-    layer_names = runs[0]["layer_names"]
-    commit_outputs([
-        (out / "study_table.csv", lambda f: f.write(table), "w"),
-        (out / "study.json", lambda f: f.write(json.dumps(summary, indent=2, default=list)), "w"),
-        (out / figures["regression"], lambda f: f.write(partial_regression_figure(rows, fit, colour_by="group")), "wb"),
-        (out / figures["layerwise"], lambda f: f.write(knob_panels_bytes(panels, layer_names)), "wb"),
-        (out / "report.md", lambda f: f.write(report), "w"),
-    ])
+    outputs.add("study_table.csv", table)
+    outputs.add("study.json", json.dumps(summary, indent=2, default=list))
+    outputs.add(figures["regression"], partial_regression_figure(rows, fit, colour_by="group"))
+    outputs.add(figures["layerwise"], knob_panels_bytes(knob_panels(study, runs), runs[0]["layer_names"]))
+    outputs.add("report.md", report)
+    outputs.commit(announce=lambda path: print(f"wrote {path}"))
     print(format_fit(fit, title="ln T = a G + b D + c ln N + d"))
     print(f"pre-training: median cos(theta_r, theta_A) {diagnostics['median_cos']:.3f}, lr x wd budget "
           f"{diagnostics['budget']:.2f}; best val acc of the fine-tuned runs "
@@ -593,7 +595,6 @@ def main(argv: list[str] | None = None) -> int:
     for number, (verdict, on_paper) in enumerate(zip(verdicts, (paper["finding1"], paper["finding2"])), 1):
         print(f"finding {number}: {verdict['verdict']} ({verdict['evidence']}); on the paper's data: "
               f"{on_paper['verdict']} ({on_paper['evidence']})")
-    print(f"wrote {out / 'report.md'}")
     return 0
 
 

@@ -242,3 +242,72 @@ def _umask() -> int:
 def write_atomically(path: Path, write: Callable[[object], None], mode: str = "wb") -> None:
     """Write one file through a temporary file and ``os.replace``: all of it or nothing."""
     commit_outputs([(path, write, mode)])
+
+
+# ------------------------------------------------------------ flags and outputs of scripts
+
+
+def add_device_flag(parser) -> None:
+    """``--device``, as every script that computes takes it."""
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+
+
+def add_output_flags(parser, *, json: str | None = None, csv: str | None = None, fig: str | None = None,
+                     fig_help: str = "the figure") -> None:
+    """The output flags a script offers: ``--json PATH`` and ``--csv PATH`` (given their
+    help texts), ``--fig PATH`` (default ``fig``) with ``--no_fig``."""
+    if json:
+        parser.add_argument("--json", metavar="PATH", help=json)
+    if csv:
+        parser.add_argument("--csv", metavar="PATH", help=csv)
+    if fig:
+        parser.add_argument("--fig", metavar="PATH", default=fig,
+                            help=f"{fig_help} (default: %(default)s; .png, .pdf or .svg)")
+        parser.add_argument("--no_fig", action="store_true", help="do not draw the figure")
+
+
+class Outputs:
+    """The files one command writes: checked before any work is done, written together
+    (all of them or none, :func:`commit_outputs`), then listed.
+
+    ``paths`` maps each flag to its path (None: not asked for); the flags in ``figures``
+    must name a file ending in an image format. With ``flag``, the keys of ``paths`` are
+    plain names and every message names ``flag`` (files in a folder given by one flag).
+    """
+
+    def __init__(self, paths: Mapping[str, str | os.PathLike | None], figures: Iterable[str] = ("--fig",),
+                 flag: str | None = None) -> None:
+        self.paths = {key: check_writable(path, flag or key) for key, path in paths.items() if path is not None}
+        for flag in figures:
+            if flag in self.paths and self.image_format(flag) is None:
+                raise UserError(f"{flag} {self.paths[flag]}: unknown image format; end the name in .png, .pdf or .svg")
+        self._writers: list[tuple[Path, Callable[[object], None], str]] = []
+
+    @classmethod
+    def of(cls, args, *flags: str) -> "Outputs":
+        """The outputs that a script's parsed ``args`` ask for among ``flags`` (``--fig``
+        unless ``--no_fig``)."""
+        paths = {flag: getattr(args, flag.lstrip("-")) for flag in flags}
+        if "--fig" in paths and getattr(args, "no_fig", False):
+            paths["--fig"] = None
+        return cls(paths)
+
+    def __contains__(self, flag: str) -> bool:
+        return flag in self.paths
+
+    def image_format(self, flag: str) -> str | None:
+        from plotting import figure_format
+
+        return figure_format(str(self.paths[flag]))
+
+    def add(self, flag: str, content: str | bytes) -> None:
+        """Stage ``content`` (text or bytes) for the file of ``flag``."""
+        mode = "wb" if isinstance(content, bytes) else "w"
+        self._writers.append((self.paths[flag], lambda handle, content=content: handle.write(content), mode))
+
+    def commit(self, announce: Callable[[Path], None] | None = None) -> None:
+        """Write every staged file, then ``announce`` each (default: ``wrote PATH`` on stderr)."""
+        commit_outputs(self._writers)
+        for path, _, _ in self._writers:
+            (announce or (lambda p: print(f"wrote {p}", file=sys.stderr)))(path)
+        self._writers = []

@@ -158,11 +158,10 @@ def test_reproduce_tiny_study_end_to_end_and_cached(tmp_path, capsys, monkeypatc
     def forbidden(*args, **kwargs):
         raise AssertionError("a cached run was redone")
 
-    import finetune
-    import pretrain_on_ImageNet
+    import engine
 
-    monkeypatch.setattr(finetune, "main", forbidden)
-    monkeypatch.setattr(pretrain_on_ImageNet, "main", forbidden)
+    monkeypatch.setattr(engine, "finetune", forbidden)
+    monkeypatch.setattr(engine, "pretrain", forbidden)
     mtimes = [p.stat().st_mtime_ns for p in results]
     assert run_cli(reproduce.main, ["--preset", "tiny", "--out", str(out), "--device", "cpu"]) == 0
     assert [p.stat().st_mtime_ns for p in results] == mtimes
@@ -170,12 +169,13 @@ def test_reproduce_tiny_study_end_to_end_and_cached(tmp_path, capsys, monkeypatc
     # A study stopped before one run finished redoes that run only.
     monkeypatch.undo()
     calls = []
-    original = finetune.main
-    monkeypatch.setattr(finetune, "main", lambda argv: calls.append(argv) or original(argv))
-    monkeypatch.setattr(pretrain_on_ImageNet, "main", forbidden)
+    original = engine.finetune
+    monkeypatch.setattr(engine, "finetune", lambda job, *args, **kwargs: calls.append(job) or original(job, *args, **kwargs))
+    monkeypatch.setattr(engine, "pretrain", forbidden)
     results[3].unlink()
     assert run_cli(reproduce.main, ["--preset", "tiny", "--out", str(out), "--device", "cpu"]) == 0
     assert len(calls) == 1 and results[3].exists()
+    assert isinstance(calls[0], engine.TrainJob) and calls[0].progress is False  # a settings object, not argv
 
 
 def test_run_keys_hold_every_setting_that_changes_numbers(monkeypatch):
