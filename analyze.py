@@ -39,7 +39,8 @@ def add_stats_parser(subparsers) -> None:
     parser.add_argument("--pixel_size", type=int, default=8, help="pixels: pool images to N x N (default: 8)")
     parser.add_argument("--max_samples", type=int, default=2000,
                         help="images per dataset used for G and D (a seeded subset; default: %(default)s)")
-    parser.add_argument("--img_size", type=int, help="input size (default: the dataset's)")
+    parser.add_argument("--img_size", type=int,
+                        help="input size (default: the model's for a ViT (224), else the dataset's)")
     parser.add_argument("--batch_size", type=int, default=256)
     add_device_flag(parser)
     parser.add_argument("--cache_dir", default=".cache/features",
@@ -52,12 +53,15 @@ def add_stats_parser(subparsers) -> None:
     parser.set_defaults(run=run_stats)
 
 
-def validation_split(name: str, data_dir: str | None, split: str, img_size: int | None):
-    """A split with the evaluation transform (resize, normalise; no augmentation)."""
-    from data import build_dataset, build_transform, default_img_size
+def validation_split(name: str, data_dir: str | None, split: str, img_size: int | None, arch: str | None = None):
+    """A split with the evaluation transform (resize, normalise; no augmentation), at
+    ``img_size`` (--img_size) or by default the input size of ``arch`` (the extractor's
+    model; None: no model), else the data set's (:func:`engine.runs.input_size`, which
+    refuses a size ``arch`` cannot take)."""
+    from data import build_dataset, build_transform
+    from engine.runs import input_size
 
-    img_size = default_img_size(name) if img_size is None else img_size
-    return build_dataset(name, data_dir, split, build_transform(False, img_size))
+    return build_dataset(name, data_dir, split, build_transform(False, input_size(arch, img_size, name)))
 
 
 def make_extractor(args):
@@ -83,10 +87,10 @@ def run_stats(args) -> int:
                         f"{', '.join(args.transferability)}; label the results with the dataset names "
                         f"(cal_transferability.py --labels) or leave --transferability out")
     extractor = make_extractor(args)
-    source = validation_split(args.source, args.source_dir, "train", args.img_size)
+    source = validation_split(args.source, args.source_dir, "train", args.img_size, extractor.arch)
     rows = []
     for name in args.dataset:
-        target = validation_split(name, args.data_dir, "train", args.img_size)
+        target = validation_split(name, args.data_dir, "train", args.img_size, extractor.arch)
         stats = dataset_statistics(
             target, source, extractor, max_samples=args.max_samples, cache_dir=args.cache_dir,
             target_key=f"{name}@{args.data_dir}", source_key=f"{args.source}@{args.source_dir}",

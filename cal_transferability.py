@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "any model's weights by numbered block")
     parser.add_argument("--labels", nargs="+", metavar="NAME",
                         help="a label per -b file for the printout, JSON/CSV and legend (default: file names)")
-    add_device_flag(parser)
+    add_device_flag(parser, default="cpu")  # a ResNet-50 trio takes ~66 ms here; CUDA's start-up costs more
     add_output_flags(parser, json="write the results as JSON", csv="write the results as CSV, one row per layer",
                      fig="Figs/transferability.png", fig_help="figure of T per layer")
     parser.add_argument("-v", "--verbose", action="store_true",

@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-b", "--finetuned", required=True, help="where theta_FB, the best-validation weights, goes")
     parser.add_argument("--from_scratch", metavar="R.pth", help="start from this theta_r instead of -a")
     parser.add_argument("--arch", choices=list(ARCHITECTURES), help="(default: inferred from -a)")
-    parser.add_argument("--img_size", type=int, help="input size (default: the dataset's: 32 for CIFAR, else 224)")
+    parser.add_argument("--img_size", type=int, help="input size (default: 224 for the ViTs, which take no other; else the dataset's: 32 for CIFAR, else 224)")
     engine.add_training_arguments(parser, epochs=100, batch_size=128, lr=0.01)
     args = parser.parse_args(argv)
     if (args.pretrained is None) == (args.from_scratch is None):

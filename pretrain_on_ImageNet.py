@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="imagenet",
                         help="imagenet (default), or synthetic[:OPTIONS] for the embedded source task")
     parser.add_argument("--data_dir", help="the dataset's folder (layouts: docs/datasets.md)")
-    parser.add_argument("--img_size", type=int, help="input size (default: the dataset's, 224 for ImageNet)")
+    parser.add_argument("--img_size", type=int, help="input size (default: 224 for the ViTs, which take no other; else the dataset's, 224 for ImageNet)")
     parser.add_argument("-r", "--random_init", default="random_init_model.pth",
                         help="where theta_r goes (default: %(default)s)")
     parser.add_argument("-a", "--pretrained", default="ImageNet_model.pth",

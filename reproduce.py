@@ -199,9 +199,15 @@ def pretrain(study: Study, out: Path, device: str) -> Path:
     return run
 
 
+# The training precision the study uses on a GPU (engine.TrainJob's defaults: no autocast, TF32 on).
+GPU_PRECISION = "amp-off/tf32-on"
+
+
 def device_kind(device: str) -> str:
-    """What of the device changes a run's numbers: its type (cpu or cuda), not its index."""
-    return str(device).split(":")[0]
+    """What of the device changes a run's numbers: its type (cpu or cuda), not its index, and
+    on a GPU the precision it trains in (the CPU's runs have no precision choice)."""
+    kind = str(device).split(":")[0]
+    return kind if kind == "cpu" else f"{kind}/{GPU_PRECISION}"
 
 
 @functools.lru_cache(maxsize=2)

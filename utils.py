@@ -247,9 +247,10 @@ def write_atomically(path: Path, write: Callable[[object], None], mode: str = "w
 # ------------------------------------------------------------ flags and outputs of scripts
 
 
-def add_device_flag(parser) -> None:
-    """``--device``, as every script that computes takes it."""
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+def add_device_flag(parser, default: str = "auto") -> None:
+    """``--device``, as every script that computes takes it (auto: the GPU when there is one)."""
+    parser.add_argument("--device", default=default,
+                        help="auto (the GPU when there is one), cpu, cuda or cuda:N (default: %(default)s)")
 
 
 def add_output_flags(parser, *, json: str | None = None, csv: str | None = None, fig: str | None = None,

@@ -21,6 +21,8 @@ import psutil
 import torch
 
 CACHE_MODES = ("auto", "on", "off")
+# On a GPU, the cached images move to the GPU when they take at most this share of its free memory.
+GPU_MEMORY_SHARE = 0.25
 # --cache auto uses at most this share of the available memory (all processes of a node together).
 AUTO_MEMORY_SHARE = 0.25
 
@@ -99,12 +101,31 @@ class ImageCache:
     def nbytes(self) -> int:
         return self.images.numel() * self.images.element_size()
 
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device) -> "ImageCache":
+        """The images and labels on ``device``; which samples loaded stays on the CPU, so that
+        cutting a batch never waits for the device."""
+        return ImageCache(self.images.to(device), self.labels.to(device), self.loaded)
+
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(images, labels, skipped)`` for the samples at ``indices``, in that order, less
-        the skipped ones: what the data loader's collation gives for the same indices."""
+        the skipped ones: what the data loader's collation gives for the same indices. On a
+        GPU the indices go over in one asynchronous copy and the batch is gathered there."""
         index = torch.as_tensor(indices, dtype=torch.long)
         keep = self.loaded[index]
-        skipped = int(len(index) - keep.sum())
+        skipped = len(index) - int(keep.sum())
         if skipped:
             index = index[keep]
+        if self.device.type == "cuda":
+            index = index.pin_memory().to(self.device, non_blocking=True)
         return self.images[index], self.labels[index], skipped
+
+
+def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` of cached images take at most :data:`GPU_MEMORY_SHARE` of the
+    GPU's free memory."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= GPU_MEMORY_SHARE * free

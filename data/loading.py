@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
+from queue import Full, Queue
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -159,21 +161,64 @@ def unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
 class CachedLoader:
     """Batches cut out of an :class:`data.cache.ImageCache` in the sampler's order: the same
     ``(images, labels, skipped)`` batches as a DataLoader over the data set with the same
-    sampler, batch size and :func:`collate_batch`, without reading a file."""
+    sampler, batch size and :func:`collate_batch`, without reading a file. A cache on the
+    GPU gives batches already there; one in CPU memory, for a GPU (``pin_memory``), gives
+    pinned batches cut ``prefetch`` batches ahead in a background thread."""
 
-    def __init__(self, cache, sampler: EpochSampler, batch_size: int, pin_memory: bool) -> None:
+    def __init__(self, cache, sampler: EpochSampler, batch_size: int, pin_memory: bool, prefetch: int = 0) -> None:
         self.cache, self.sampler, self.batch_size, self.pin_memory = cache, sampler, batch_size, pin_memory
+        self.prefetch = prefetch
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
 
-    def __iter__(self):
+    def _batches(self):
         indices = list(self.sampler)
         for start in range(0, len(indices), self.batch_size):
             images, labels, skipped = self.cache.batch(indices[start:start + self.batch_size])
-            if self.pin_memory:
+            if self.pin_memory and images.device.type == "cpu":
                 images, labels = images.pin_memory(), labels.pin_memory()
             yield images, labels, skipped
+
+    def __iter__(self):
+        return ahead(self._batches(), self.prefetch) if self.prefetch else self._batches()
+
+
+def ahead(items: Iterator, depth: int) -> Iterator:
+    """``items``, produced up to ``depth`` ahead in a background thread (which stops when the
+    consumer does); an exception in the thread is raised in the consumer."""
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def offer(item) -> bool:
+        """Put ``item`` in the queue unless the consumer has stopped."""
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+            offer(done)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            offer(err)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 class Interrupted(Exception):
@@ -241,13 +286,24 @@ def cache_splits(splits: Mapping[str, Dataset], workers: int, show: bool, stop_r
     return dict(zip(splits, caches))
 
 
+def place_caches(caches: dict, device: torch.device, announce: Callable[[str], None]) -> dict:
+    """On a GPU, the caches moved to it when they fit (:func:`data.cache.fits_on_gpu`)."""
+    from data.cache import fits_on_gpu
+
+    if device.type != "cuda" or not caches or not fits_on_gpu(sum(c.nbytes for c in caches.values()), device):
+        return caches
+    announce(f"  the cached images are on {device} (at most a quarter of its free memory)")
+    return {name: cache.to(device) for name, cache in caches.items()}
+
+
 def make_loader(dataset: Dataset, sampler: EpochSampler, cache, *, batch_size: int, workers: int,
                 generator: torch.Generator, pin_memory: bool):
     """Batches of ``(images, labels, skipped)`` in ``sampler``'s order: cut out of ``cache``
-    when there is one, else read by a DataLoader that draws its workers' seeds from
-    ``generator`` (a private one, so that loading never draws on the global RNG)."""
+    when there is one (two batches ahead in a thread when pinning for a GPU), else read by a
+    DataLoader that draws its workers' seeds from ``generator`` (a private one, so that
+    loading never draws on the global RNG)."""
     if cache is not None:
-        return CachedLoader(cache, sampler, batch_size, pin_memory)
+        return CachedLoader(cache, sampler, batch_size, pin_memory, prefetch=2 if pin_memory else 0)
     return DataLoader(ReportingFailures(dataset), sampler=sampler, batch_size=batch_size, num_workers=workers,
                       pin_memory=pin_memory, persistent_workers=workers > 0, collate_fn=collate_batch,
                       drop_last=False, generator=generator)

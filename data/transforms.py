@@ -2,6 +2,8 @@
 crop, a horizontal flip and optionally colour jitter; normalised with a fixed mean/std."""
 from __future__ import annotations
 
+import functools
+
 import math
 
 import torch
@@ -40,10 +42,28 @@ def normalize_batch(images: torch.Tensor) -> torch.Tensor:
     """uint8 images ``[..., 3, H, W]`` -> float, scaled to [0, 1] and normalised with the seed's
     constants, on the images' device: the last steps of the evaluation transform, for a whole
     batch at once (the same operations as ``build_transform(False, ...)`` applies per image,
-    so the same numbers)."""
+    so the same numbers; the constants are made once per device, so no copy per batch)."""
     from torchvision.transforms.v2 import functional as F
 
-    return F.normalize(F.to_dtype(images, torch.float32, scale=True), list(NORMALIZE_MEAN), list(NORMALIZE_STD))
+    mean, std = normalisation_constants(images.device)
+    return F.to_dtype(images, torch.float32, scale=True).sub_(mean[0]).div_(std[0])
+
+
+@functools.lru_cache(maxsize=None)
+def normalisation_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seed's mean and std as ``[1, 3, 1, 1]`` float32 tensors on ``device`` (made once)."""
+    shape = (1, 3, 1, 1)
+    return (torch.tensor(NORMALIZE_MEAN).view(shape).to(device), torch.tensor(NORMALIZE_STD).view(shape).to(device))
+
+
+def to_device_at_once(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Small CPU tensors as float32 on ``device``: on a GPU packed into one pinned buffer and
+    sent in one asynchronous copy (no host synchronisation), instead of one blocking copy each."""
+    if device.type != "cuda":
+        return [t.to(device, torch.float32) for t in tensors]
+    packed = torch.cat([t.to(torch.float32).reshape(-1) for t in tensors]).pin_memory()
+    parts = packed.to(device, non_blocking=True).split([t.numel() for t in tensors])
+    return [part.view(t.shape) for part, t in zip(parts, tensors)]
 
 
 # ------------------------------------------------------------- batched augmentation
@@ -105,8 +125,9 @@ def _resample_weights(starts: torch.Tensor, lengths: torch.Tensor, full: int, si
     lengths = lengths.to(torch.float64)[:, None, None]
     scale = lengths / size
     support = torch.clamp(scale, min=1.0)  # the filter's half-width in input pixels
-    centre = scale * (torch.arange(size, dtype=torch.float64)[None, :, None] + 0.5)  # in the segment
-    local = torch.arange(full, dtype=torch.float64)[None, None, :] - starts  # input pixel in the segment
+    arange = functools.partial(torch.arange, dtype=torch.float64, device=starts.device)
+    centre = scale * (arange(size)[None, :, None] + 0.5)  # in the segment
+    local = arange(full)[None, None, :] - starts  # input pixel in the segment
     # PyTorch takes the taps [trunc(centre - support + 0.5), trunc(centre + support + 0.5)) cut to the segment
     low = torch.clamp(torch.trunc(centre - support + 0.5), min=0.0)
     high = torch.minimum(torch.trunc(centre + support + 0.5), lengths)
@@ -121,13 +142,21 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch
     y2 - y1, x2 - x1, [size, size], antialias=True)`` on float images, for a whole batch at
     once on the images' device (two batched matrix products with per-image resampling
     weights, :func:`_resample_weights`). ``images`` ``[B, C, H, W]`` float; returns float32."""
-    count, _, height, width = images.shape
-    boxes = boxes.to(torch.float64).cpu()
-    rows = _resample_weights(boxes[:, 1], boxes[:, 3] - boxes[:, 1], height, size)
-    cols = _resample_weights(boxes[:, 0], boxes[:, 2] - boxes[:, 0], width, size)
-    rows = rows.to(images.device, torch.float32)
-    cols = cols.to(images.device, torch.float32)
-    # out[b, c, i, j] = sum_{y, x} rows[b, i, y] images[b, c, y, x] cols[b, j, x]
+    (boxes,) = to_device_at_once([boxes], images.device)
+    return apply_crops(images, *crop_weights(images.shape, boxes, size))
+
+
+def crop_weights(shape: torch.Size, boxes: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row and column resampling weights of :func:`resized_crops`, computed in float64
+    on the boxes' device (whole-pixel boxes: exact in float32 too), returned as float32."""
+    _, _, height, width = shape
+    boxes = boxes.to(torch.float64)
+    return (_resample_weights(boxes[:, 1], boxes[:, 3] - boxes[:, 1], height, size).float(),
+            _resample_weights(boxes[:, 0], boxes[:, 2] - boxes[:, 0], width, size).float())
+
+
+def apply_crops(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """out[b, c, i, j] = sum_{y, x} rows[b, i, y] images[b, c, y, x] cols[b, j, x] (float32)."""
     out = torch.matmul(rows[:, None], images.float())
     return torch.matmul(out, cols[:, None].transpose(-1, -2))
 
@@ -159,18 +188,24 @@ class BatchAugment:
             s = self.color_jitter
             factors = torch.empty(count, 3).uniform_(1 - s, 1 + s, generator=generator)
         device = images.device
-        out = resized_crops(images.float().div_(255), boxes, self.size)
-        out = torch.where(flips.to(device)[:, None, None, None], out.flip(-1), out)
+        # every random number of the batch goes to the device in one copy; the resampling weights are made there
+        boxes, flips, *jitter = to_device_at_once([boxes, flips, *([factors] if self.color_jitter else [])], device)
+        out = apply_crops(images.float().div_(255), *crop_weights(images.shape, boxes, self.size))
+        out = torch.where(flips[:, None, None, None] > 0.5, out.flip(-1), out)
         if self.color_jitter:
-            out = _jitter(out, factors.to(device))
-        mean = torch.tensor(NORMALIZE_MEAN, device=device)[None, :, None, None]
-        std = torch.tensor(NORMALIZE_STD, device=device)[None, :, None, None]
+            out = _jitter(out, jitter[0])
+        mean, std = normalisation_constants(device)
         return (out - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _grey_weights(device: torch.device) -> torch.Tensor:
+    return torch.tensor([0.299, 0.587, 0.114])[None, :, None, None].to(device)
 
 
 def _jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast and saturation, each a per-image factor, as torchvision defines them."""
-    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device)[None, :, None, None]
+    weights = _grey_weights(images.device)
     brightness, contrast, saturation = (factors[:, i, None, None, None] for i in range(3))
     images = (images * brightness).clamp_(0, 1)
     grey_mean = (images * weights).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)

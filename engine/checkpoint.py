@@ -19,9 +19,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from engine.optim import Optimization
+from engine.processes import ProcessInfo
 from utils import UserError, check_writable, save_state_dict, write_atomically
 
 CHECKPOINT_FORMAT = "transferability-train-1"
@@ -52,27 +54,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """The global generators' states (torch, CUDA, numpy, Python), as tensors and numbers
-    that ``torch.load(weights_only=True)`` reads back."""
+def rng_state(process: ProcessInfo) -> dict:
+    """The global generators' states (torch's CPU generator, numpy, Python, and on a GPU
+    every rank's own CUDA generator, listed by rank), as tensors and numbers that
+    ``torch.load(weights_only=True)`` reads back. A CPU run never touches CUDA."""
     keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    cuda_by_rank = []
+    if process.device.type == "cuda":
+        own = torch.cuda.get_rng_state(process.device)
+        cuda_by_rank = [own]
+        if process.distributed:  # every rank calls save_last at the same step
+            cuda_by_rank = [None] * process.world_size
+            dist.all_gather_object(cuda_by_rank, own)
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda_by_rank": cuda_by_rank,
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached": float(cached)},
         "python": list(random.getstate()[1]),
     }
 
 
-def set_rng_state(state: Mapping) -> None:
+def set_rng_state(state: Mapping, process: ProcessInfo) -> str | None:
+    """Restore :func:`rng_state`; this rank takes its own CUDA state. Returns a note when
+    the CUDA states cannot be restored (another number of processes wrote them); no
+    registered architecture draws on them (no dropout), so the results are unaffected."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
     numpy = state["numpy"]
     np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
                          numpy["has_gauss"], numpy["cached"]))
     random.setstate((3, tuple(state["python"]), None))
+    if process.device.type != "cuda":
+        return None
+    by_rank = state.get("cuda_by_rank", [])  # older checkpoints: "cuda", rank 0's devices; not restored
+    if len(by_rank) != process.world_size:
+        return (f"the CUDA random state of the {len(by_rank)} process(es) that wrote the checkpoint is not "
+                f"restored in a run of {process.world_size}; the registered architectures do not use it")
+    torch.cuda.set_rng_state(by_rank[process.rank], process.device)
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -133,40 +152,44 @@ class Checkpointer:
     """Owns the best / last / log files of a run whose best weights go to ``best_path``.
 
     Only the main process writes; every write is atomic, so a crash leaves the previous
-    files whole.
+    files whole. Every process calls :meth:`save_last` at the same step (it gathers the
+    ranks' CUDA random states on a GPU).
     """
 
-    def __init__(self, best_path: str | os.PathLike, is_main: bool) -> None:
+    def __init__(self, best_path: str | os.PathLike, process: ProcessInfo) -> None:
         self.best_path, self.last_path, self.log_path = run_files(best_path)
-        self.is_main = is_main
+        self.process = process
 
     def save_best(self, model: nn.Module) -> None:
-        if self.is_main:
+        if self.process.is_main:
             save_state_dict(model_state(model), self.best_path)
 
     def save_last(self, model: nn.Module, optimization: Optimization, progress: RunProgress, args: dict) -> None:
         """The full checkpoint (``.last.pth``) and the log of finished epochs."""
-        if not self.is_main:
+        rng = rng_state(self.process)
+        if not self.process.is_main:
             return
         state = {
             "format": CHECKPOINT_FORMAT, "model": model_state(model), **optimization.state_dicts(),
             "epoch": progress.epoch, "step": progress.step, "best_acc": progress.best_acc,
             "best_epoch": progress.best_epoch, "history": progress.history, "partial": progress.partial,
-            "rng": rng_state(), "args": args,
+            "rng": rng, "args": args,
         }
         write_atomically(self.last_path, lambda handle: torch.save(state, handle))
         text = "".join(json.dumps(entry) + "\n" for entry in progress.history)
         write_atomically(self.log_path, lambda handle: handle.write(text), mode="w")
 
-    @staticmethod
-    def restore(checkpoint: Mapping, model: nn.Module, optimization: Optimization) -> RunProgress:
+    def restore(self, checkpoint: Mapping, model: nn.Module, optimization: Optimization) -> tuple[RunProgress, str | None]:
         """Load a checkpoint from :func:`load_checkpoint` into the model, the optimizer,
-        scheduler and scaler, and the global RNGs; return where the run stood."""
+        scheduler and scaler, and the global RNGs; return where the run stood, and a note
+        when a random state could not be restored."""
         unwrap(model).load_state_dict(checkpoint["model"])
         optimization.load_state_dicts(checkpoint)
-        set_rng_state(checkpoint["rng"])
-        return RunProgress(checkpoint["epoch"], checkpoint["step"], checkpoint["best_acc"], checkpoint["best_epoch"],
-                           list(checkpoint["history"]), dict(checkpoint.get("partial") or {}))
+        note = set_rng_state(checkpoint["rng"], self.process)
+        progress = RunProgress(checkpoint["epoch"], checkpoint["step"], checkpoint["best_acc"],
+                               checkpoint["best_epoch"], list(checkpoint["history"]),
+                               dict(checkpoint.get("partial") or {}))
+        return progress, note
 
 
 class StopRequests:

@@ -42,7 +42,10 @@ def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -
                         "auto, when both splits take at most a quarter of the available memory; same results; "
                         "with --augment pil only the validation images)")
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
-                        help="mixed precision (default: off, which keeps fp32 results)")
+                        help="mixed precision (default: off: fp32 weights and activations; see --tf32)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="on GPUs from Ampere on, TF32 convolutions and matrix products (default: on, as the "
+                        "seed's PyTorch 1.8 had it; --no-tf32 computes in full fp32; no effect on the CPU)")
     parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                         help="channels-last memory layout (default: on; same maths, faster convolutions)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")

@@ -11,9 +11,9 @@ and the checkpointer.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -30,6 +30,7 @@ from data.loading import (
     cache_splits,
     cache_wanted,
     make_loader,
+    place_caches,
     step_seed,
     unpack_batch,
 )
@@ -61,11 +62,12 @@ class EpochStats:
     seconds: float = 0.0
     step: int = 0  # steps done in this epoch
     stopped_by: int = 0  # a stop signal ended the epoch early
+    overflow_steps: int = 0  # steps skipped because the fp16 loss overflowed (their samples are not in ``seen``)
 
     def partial(self) -> dict:
         """The totals as a checkpoint stores them (``partial``)."""
         return {"loss": self.loss, "correct": self.correct, "seen": self.seen, "skipped": self.skipped,
-                "time": self.seconds}
+                "time": self.seconds, "overflow_steps": self.overflow_steps}
 
     @classmethod
     def resumed(cls, progress: RunProgress) -> "EpochStats":
@@ -73,7 +75,20 @@ class EpochStats:
         if not progress.step:
             return cls()
         part = progress.partial
-        return cls(part["loss"], part["correct"], part["seen"], part["skipped"], part["time"], progress.step)
+        return cls(part["loss"], part["correct"], part["seen"], part["skipped"], part["time"], progress.step,
+                   overflow_steps=part.get("overflow_steps", 0))
+
+
+MAX_OVERFLOW_STEPS = 20
+"""With ``--amp fp16``, the number of steps in a row whose loss is not finite that ends the
+run (:class:`Diverged`). Before that, such a step is skipped the way GradScaler skips one
+whose gradients are not finite: no update, and the scale times its backoff factor (halved).
+A forward pass in fp16 can overflow on an unusual batch while the next one fits; but the
+scale only guards the backward pass, and a scale that started at 65536 and was halved 19
+times (to 1/8) guards nothing: twenty overflows in a row mean the weights themselves no
+longer fit in fp16. Without fp16 a non-finite loss ends the run at once."""
+
+_MAX_INPUT_DIMS = 8  # the most dimensions of an input batch that :func:`_agreed_input_shape` exchanges
 
 
 class Diverged(Exception):
@@ -104,47 +119,170 @@ def prepare_batch(images: torch.Tensor, labels: torch.Tensor, device: torch.devi
     return images, labels.to(device, non_blocking=True)
 
 
+def _agreed_input_shape(images: torch.Tensor | None, process: ProcessInfo) -> tuple[int, ...] | None:
+    """The shape of one sample as the model takes it, agreed by every process from the
+    batches they have (``images``; None where every image was skipped): None while no
+    process has any. Every process calls this at the same steps, until it gives a shape."""
+    dims = [] if images is None else [images.dim(), *images.shape[1:]]
+    if len(dims) > _MAX_INPUT_DIMS:
+        raise ValueError(f"inputs of at most {_MAX_INPUT_DIMS} dimensions, got {tuple(images.shape)}")
+    found = [int(d) for d in process.all_reduce(dims + [0] * (_MAX_INPUT_DIMS - len(dims)), op=dist.ReduceOp.MAX)]
+    return (1, *found[1:found[0]]) if found[0] else None
+
+
+@contextmanager
+def _running_statistics_kept(model: nn.Module):
+    """The BatchNorm layers in eval mode: they normalise with their running statistics and
+    leave them as they are. SyncBatchNorm stays in training mode, since its forward pass is
+    an exchange that every process joins (its statistics, the same on every process, then
+    count the stand-in sample too)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and not isinstance(m, nn.SyncBatchNorm) and m.training]
+    for module in norms:
+        module.train(False)
+    try:
+        yield
+    finally:
+        for module in norms:
+            module.train(True)
+
+
+def _forward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             optimization: Optimization) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, mean loss), in the autocast precision."""
+    with torch.autocast(images.device.type, dtype=optimization.amp_dtype, enabled=optimization.amp_dtype is not None):
+        logits = model(images)
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+    return logits, loss
+
+
+def _stand_in_loss(model: nn.Module, shape: tuple[int, ...], optimization: Optimization, process: ProcessInfo,
+                   channels_last: bool) -> torch.Tensor:
+    """The loss of a zero-weight step, for a process whose every image of this batch was
+    skipped while the others train: one image of zeros through the model, the loss times 0.
+    The process so joins DistributedDataParallel's exchanges (buffers before the forward
+    pass, gradients during the backward pass) with zero gradients, and then the same update
+    as the others; its BatchNorm statistics stay as they were."""
+    images, labels = prepare_batch(torch.zeros(shape), torch.zeros(1, dtype=torch.long), process.device,
+                                   channels_last)
+    with _running_statistics_kept(model):
+        return _forward(model, images, labels, optimization)[1] * 0
+
+
+def _update(loss: torch.Tensor, optimization: Optimization, overflowed: bool, trained: bool,
+            stats: EpochStats) -> None:
+    """The backward pass, then the optimizer step that every process takes or skips
+    together: skipped when the (fp16) loss overflowed on any process, as GradScaler skips
+    a step whose gradients are not finite (counted in ``stats.overflow_steps``), and when no
+    process had images (stand-in losses only)."""
+    scaler = optimization.scaler
+    scaler.scale(loss).backward()
+    if overflowed:  # the scale lowered as GradScaler.update does after inf/NaN gradients
+        state = scaler.state_dict()
+        scaler.load_state_dict({**state, "scale": state["scale"] * state["backoff_factor"], "_growth_tracker": 0})
+        stats.overflow_steps += 1
+    elif trained:
+        scaler.step(optimization.optimizer)
+        scaler.update()
+
+
+class _DeviceTotals:
+    """An epoch's running sums kept on the training device (no host synchronisation per
+    step) and read in one copy at check steps: the summed loss (float64, as the host would
+    sum it), correct predictions and samples of the steps whose loss was finite, and the
+    first step (with its value) whose loss was not."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, seen
+        self._no_bad = torch.full((2,), -1.0, dtype=torch.float64, device=device)  # first bad step (-1: none), its loss
+        self.bad = self._no_bad.clone()
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor, step: int) -> None:
+        """Count a step's loss (and, for a batch with images, its predictions): device work only."""
+        value = loss.detach().double()
+        finite = torch.isfinite(value)
+        if logits is not None:
+            self.sums[0] += torch.where(finite, value * len(labels), 0.0)
+            self.sums[1] += torch.where(finite, (logits.argmax(1) == labels).sum().double(), 0.0)
+            self.sums[2] += torch.where(finite, float(len(labels)), 0.0)
+        first = ~finite & (self.bad[0] < 0)
+        self.bad = torch.where(first, torch.stack([torch.full_like(value, step), value]), self.bad)
+
+    def read(self, stats: EpochStats) -> tuple[int, float]:
+        """Add the sums to ``stats`` and start them again (one copy from the device);
+        returns (the first step whose loss was not finite, or -1; that loss)."""
+        loss, correct, seen, bad_step, bad_value = torch.cat([self.sums, self.bad]).tolist()
+        stats.loss += loss
+        stats.correct += int(correct)
+        stats.seen += int(seen)
+        self.sums.zero_()
+        self.bad = self._no_bad.clone()
+        return int(bad_step), bad_value
+
+
+def _check_interval(settings: TrainSettings, process: ProcessInfo) -> int:
+    """Steps between two reads of the totals and two exchanges between processes: every
+    step with fp16 (an overflow decides that step's update) and in a distributed run that
+    may meet batches without images (all must know whether any process had some);
+    otherwise ``settings.check_every``."""
+    if settings.amp == "fp16" or (process.distributed and settings.skip_corrupt):
+        return 1
+    return max(1, settings.check_every)
+
+
 def train_one_epoch(model: nn.Module, loader, optimization: Optimization, process: ProcessInfo,
                     settings: TrainSettings, epoch: int, stats: EpochStats, augment: Augment | None,
                     stop: StopRequests) -> EpochStats:
     """Steps over ``loader`` (which already skips the steps ``stats`` has done), adding to
-    ``stats``. Every process takes part in one exchange per step that tells whether any of
-    them diverged (:class:`Diverged` is raised) or was asked to stop (``stats.stopped_by``),
-    so that they all leave the loop at the same step."""
-    device, scaler = process.device, optimization.scaler
+    ``stats``. The loss and accuracy are summed on the device and read at check steps
+    (:func:`_check_interval`; always the epoch's last step), where every process takes part
+    in one exchange that tells whether any of them diverged (:class:`Diverged`; with fp16,
+    after :data:`MAX_OVERFLOW_STEPS` overflows in a row) or was asked to stop
+    (``stats.stopped_by``), so that they all leave the loop at the same step and no
+    checkpoint ever holds weights updated by a non-finite loss. In a distributed run, a
+    process whose every image of a batch was skipped takes a zero-weight step
+    (:func:`_stand_in_loss`) in the shape the processes agree on at their first step (or the
+    first at which any has images)."""
+    device, every = process.device, _check_interval(settings, process)
     model.train()
     tick = time.perf_counter()
     batches = tqdm(loader, desc=f"  epoch {epoch + 1}", leave=False, disable=not shows_progress(settings, process) or None)
+    shape, overflows, totals, last = None, 0, _DeviceTotals(device), stats.step + len(loader) - 1
     for batch in batches:
         images, labels, skipped = unpack_batch(batch)
         stats.skipped += skipped
-        loss, loss_value = None, 0.0
+        logits, loss = None, None
         if len(labels):  # else every image of this batch was skipped as corrupt
             seed = step_seed(settings.seed, epoch, stats.step) if augment is not None else None
             images, labels = prepare_batch(images, labels, device, settings.channels_last, augment, seed)
-            with torch.autocast(device.type, dtype=optimization.amp_dtype, enabled=optimization.amp_dtype is not None):
-                logits = model(images)
-                loss = nn.functional.cross_entropy(logits.float(), labels)
-            loss_value = loss.item()
-        diverged, signum = process.all_reduce([float(not math.isfinite(loss_value)), float(stop.signum)],
-                                              op=dist.ReduceOp.MAX)
-        if diverged:
-            raise Diverged(loss_value if not math.isfinite(loss_value) else "NaN/Inf on another process",
-                           epoch, stats.step)
+        if process.distributed and shape is None:
+            shape = _agreed_input_shape(images if len(labels) else None, process)
+        if len(labels):
+            logits, loss = _forward(model, images, labels, optimization)
+        elif shape is not None:
+            loss = _stand_in_loss(model, shape, optimization, process, settings.channels_last)
+        if loss is not None:
+            totals.add(loss, logits, labels, stats.step)
+        bad, signum, trained = 0, 0, logits is not None
+        if every == 1 or (stats.step + 1) % every == 0 or stats.step == last:
+            bad_step, bad_value = totals.read(stats)
+            bad, signum, trained = process.all_reduce([float(bad_step >= 0), float(stop.signum), float(trained)],
+                                                      op=dist.ReduceOp.MAX)
+            overflows = overflows + 1 if bad else 0
+            if bad and (not optimization.scaler.is_enabled() or overflows >= MAX_OVERFLOW_STEPS):
+                raise Diverged(bad_value if bad_step >= 0 else "NaN/Inf on another process", epoch,
+                               bad_step if bad_step >= 0 else stats.step)
+            if stats.seen and shows_progress(settings, process):
+                batches.set_postfix(loss=f"{stats.loss / stats.seen:.3f}", acc=f"{100 * stats.correct / stats.seen:.1f}")
         optimization.optimizer.zero_grad(set_to_none=True)
         if loss is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimization.optimizer)
-            scaler.update()
-            stats.loss += loss_value * len(labels)
-            stats.correct += (logits.argmax(1) == labels).sum().item()
-            stats.seen += len(labels)
+            _update(loss, optimization, bool(bad), bool(trained), stats)
         stats.step += 1
-        if process.is_main and stats.seen:
-            batches.set_postfix(loss=f"{stats.loss / stats.seen:.3f}", acc=f"{100 * stats.correct / stats.seen:.1f}")
         if signum:
             stats.stopped_by = int(signum)
             break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the epoch's time includes its last step's work on the device
     stats.seconds += time.perf_counter() - tick
     return stats
 
@@ -155,7 +293,8 @@ def evaluate(model: nn.Module, loader, process: ProcessInfo, channels_last: bool
     """(mean loss, accuracy in %) over every process's share of the validation set."""
     model.eval()
     device = process.device
-    loss_sum, correct, seen = 0.0, 0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct: summed on the device
+    seen = 0
     for batch in tqdm(loader, desc="  val", leave=False, disable=not (show and process.is_main) or None):
         images, labels, _ = unpack_batch(batch)
         if not len(labels):
@@ -163,9 +302,10 @@ def evaluate(model: nn.Module, loader, process: ProcessInfo, channels_last: bool
         images, labels = prepare_batch(images, labels, device, channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
-        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
+        sums[0] += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
+        sums[1] += (logits.argmax(1) == labels).sum()
         seen += len(labels)
+    loss_sum, correct = sums.tolist()
     loss_sum, correct, seen = process.all_reduce([loss_sum, correct, seen])
     return loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
 
@@ -184,6 +324,7 @@ def build_loaders(train_set: Dataset, val_set: Dataset, samplers: tuple[EpochSam
     if process.all_reduce([float(cache_wanted(splits, settings.cache, announce))], op=dist.ReduceOp.MIN)[0]:
         cached = cache_splits(splits, settings.workers, shows_progress(settings, process), stop.requested, announce,
                               per_sample)
+        cached = place_caches(cached, process.device, announce)
     generator = torch.Generator().manual_seed(settings.seed)  # shared: the workers' seeds come from it
     return tuple(
         make_loader(data, sampler, cached.get(name), batch_size=settings.batch_size, workers=settings.workers,
@@ -218,13 +359,15 @@ def close_epoch(model: nn.Module, val_loader, stats: EpochStats, optimization: O
     history entry and whether the validation accuracy improved."""
     lr = optimization.lr
     optimization.scheduler.step()
-    loss_sum, correct, seen, skipped = process.all_reduce([stats.loss, stats.correct, stats.seen, stats.skipped])
+    loss_sum, correct, seen, skipped, overflows = process.all_reduce(
+        [stats.loss, stats.correct, stats.seen, stats.skipped, stats.overflow_steps])
     val_loss, val_acc = evaluate(model, val_loader, process, settings.channels_last, optimization.amp_dtype,
                                  settings.progress)
     entry = {
         "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": 100 * correct / max(seen, 1),
         "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
         "images_per_s": seen / max(stats.seconds, 1e-9), "skipped_images": int(skipped),
+        "overflow_steps": int(overflows) // process.world_size,  # every process counts each step it skipped
     }
     progress.history.append(entry)
     improved = val_acc > progress.best_acc
@@ -255,12 +398,14 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, settings: TrainS
     left as they were).
     """
     announce = process.printer(announce)
-    files = Checkpointer(best_path, process.is_main)
+    files = Checkpointer(best_path, process)
     model = place_model(model, settings, process)
     optimization = build_optimization(model, settings, process.device)
     progress = RunProgress()
     if resume is not None:
-        progress = files.restore(resume, model, optimization)
+        progress, note = files.restore(resume, model, optimization)
+        if note:
+            announce(note)
         announce(f"resumed at epoch {progress.epoch + 1} step {progress.step} (best val acc {progress.best_acc:.2f}%)")
     train_model = training_model(model, settings, process)
     per_sample = isinstance(train_set, SeededSamples)

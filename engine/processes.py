@@ -62,6 +62,15 @@ def join_process_group(device_name: str) -> ProcessInfo:
     return ProcessInfo(rank, world_size, local_rank, device)
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 (10-bit mantissa inputs, fp32 accumulation) for convolutions and matrix products
+    alike, on GPUs that have it (Ampere and newer). The seed's PyTorch 1.8 used TF32 for
+    both; PyTorch 1.12 and later leave it on for cuDNN convolutions only, so it is set here
+    explicitly either way."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def leave_process_group(process: ProcessInfo) -> None:
     if process.distributed and dist.is_initialized():
         dist.destroy_process_group()

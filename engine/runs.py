@@ -16,9 +16,15 @@ from torch import nn
 from data.loading import build_train_val, default_workers
 from engine.checkpoint import check_outputs, check_resume, load_checkpoint, run_files, seed_everything
 from engine.loop import fit
-from engine.processes import barrier, join_process_group, leave_process_group
+from engine.processes import barrier, join_process_group, leave_process_group, set_tf32
 from engine.settings import TrainSettings
 from utils import UserError
+
+
+# On a GPU, the loss is read (and stop requests and divergence checked) every this many steps:
+# between two reads a training step never waits for the device. On the CPU there is nothing to
+# wait for, and every step is checked.
+GPU_CHECK_EVERY = 25
 
 
 @dataclass
@@ -31,7 +37,7 @@ class TrainJob:
     batch_size: int
     lr: float
     data_dir: str | None = None
-    img_size: int | None = None  # None: the data set's size
+    img_size: int | None = None  # None: the architecture's fixed input size, else the data set's (input_size)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     norm_weight_decay: float | None = None
@@ -43,6 +49,7 @@ class TrainJob:
     workers: int | None = None  # None: data.loading.default_workers
     cache: str = "auto"
     amp: str = "off"
+    tf32: bool = True  # TF32 convolutions and matmuls on GPUs (the seed's PyTorch 1.8 default)
     channels_last: bool = True
     compile: bool = False
     sync_bn: bool = False
@@ -60,8 +67,30 @@ def train_settings(job: TrainJob, device, *, schedule: str, label: str, outputs:
         norm_weight_decay=job.norm_weight_decay, momentum=job.momentum, schedule=schedule, step_size=job.lr_step,
         seed=job.seed, workers=job.workers if job.workers is not None else default_workers(device),
         amp=job.amp, channels_last=job.channels_last, compile=job.compile, sync_bn=job.sync_bn, cache=job.cache,
-        label=label, progress=job.progress, args=recorded,
+        label=label, progress=job.progress, skip_corrupt=job.skip_corrupt, args=recorded,
+        check_every=GPU_CHECK_EVERY if device.type == "cuda" else 1,
     )
+
+
+def input_size(arch: str | None, requested: int | None, dataset: str) -> int:
+    """The image size a model of ``arch`` is fed on ``dataset``: ``requested`` (--img_size)
+    when given, else the architecture's fixed input size (``ARCHITECTURES[arch].input_size``,
+    224 for the ViTs), else the data set's own (:func:`data.datasets.default_img_size`).
+
+    Raises :class:`UserError` for a ``requested`` size an architecture with a fixed input
+    size cannot take: call it before any file is written or image read. Training and
+    ``analyze.py stats`` both decide the size here.
+    """
+    from data.datasets import default_img_size
+    from models import ARCHITECTURES
+
+    fixed = ARCHITECTURES[arch].input_size if arch in ARCHITECTURES else None
+    if requested is None:
+        return fixed if fixed is not None else default_img_size(dataset)
+    if fixed is not None and requested != fixed:
+        raise UserError(f"--img_size {requested}: {arch} takes {fixed}-px images only; "
+                        f"leave --img_size out or give {fixed}")
+    return requested
 
 
 def run_training(job: TrainJob, *, best_path: str | os.PathLike, outputs: Mapping[Path, str], schedule: str,
@@ -77,8 +106,11 @@ def run_training(job: TrainJob, *, best_path: str | os.PathLike, outputs: Mappin
     from models import build_model
 
     process = join_process_group(job.device)
+    if process.device.type == "cuda":
+        set_tf32(job.tf32)
     announce = process.printer(announce)
     try:
+        job.img_size = input_size(job.arch, job.img_size, job.dataset)
         if job.augment == "pil" and job.cache == "on":
             raise UserError("--cache on: --augment pil reads and augments every training image at every "
                             "step, so the training images are never held in memory; use --cache auto (which "

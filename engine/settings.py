@@ -26,4 +26,6 @@ class TrainSettings:
     cache: str = "auto"  # decoded images in memory: "auto", "on", "off" (data.cache)
     label: str = "train"
     progress: bool = True  # progress bars on the main process
+    check_every: int = 1  # steps between reads of the loss and stop/divergence checks (engine.loop)
+    skip_corrupt: bool = False  # batches may lack images (corrupt ones skipped)
     args: dict = field(default_factory=dict)  # the run's settings as flags, stored in checkpoints

@@ -298,9 +298,12 @@ def intraclass_variance(features: np.ndarray, labels: np.ndarray) -> float:
 
 class FeatureExtractor:
     """What :func:`extract_features` needs: ``key`` (a stable string naming the features,
-    used for caching), ``to(device)`` and ``__call__(images [B, 3, H, W]) -> [B, d]``."""
+    used for caching), ``to(device)`` and ``__call__(images [B, 3, H, W]) -> [B, d]``;
+    ``arch`` names the model's architecture, whose fixed input size (if any) the images
+    must have (None: no model, any size)."""
 
     key: str
+    arch: str | None = None
 
     def to(self, device: torch.device | str) -> "FeatureExtractor":
         return self

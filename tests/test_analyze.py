@@ -203,6 +203,19 @@ def test_run_keys_hold_every_setting_that_changes_numbers(monkeypatch):
             key_of(finetune_weight_decay=0.5), key_of(finetune_epochs=7), key_of(batch_size=3)]
     assert len(set(keys)) == len(keys)
     assert key_of(device="cuda:0") == key_of(device="cuda:1")  # the index does not change the numbers
+    assert "tf32-on" in key_of(device="cuda:0") and "tf32" not in key_of()  # a GPU's precision is in the key
+
+    def pretrain_key(device):
+        def stop(payload):
+            raise Keyed(json.dumps(payload))
+
+        with monkeypatch.context() as patch:
+            patch.setattr(reproduce, "digest", stop)
+            with pytest.raises(Keyed) as caught:
+                reproduce.pretrain(study, Path("unused"), device)
+        return str(caught.value)
+
+    assert pretrain_key("cpu") != pretrain_key("cuda") and "amp-off/tf32-on" in pretrain_key("cuda")
 
 
 def test_target_configs_vary_one_knob_at_a_time():
@@ -252,3 +265,48 @@ def test_stats_fills_t_from_labelled_results_and_feeds_regress(tmp_path, capsys)
     assert [row["N"] for row in rows] == [18, 24, 30, 36, 42]
     assert run_cli(analyze.main, ["regress", str(table), "--no_fig"]) == 0
     expect_error(capsys, argv[:-2] + ["--dataset", "synthetic:classes=3,n=5,size=16"], "--transferability")
+
+
+def stats_rows(tmp_path: Path, name: str, *flags: str) -> list[dict]:
+    rows = tmp_path / f"{name}.json"
+    assert run_cli(analyze.main, ["stats", *flags, "--device", "cpu", "--json", str(rows)]) == 0
+    return json.loads(rows.read_text())
+
+
+def test_stats_with_a_vit_uses_its_input_size_and_refuses_another(tmp_path, capsys):
+    """A ViT's features are of 224-px images whatever the data sets' size (it failed on 16-px
+    ones); --img_size 16 is refused at once: no features extracted or cached, no file written."""
+    vit = tmp_path / "vit.pth"
+    torch.manual_seed(0)
+    torch.save(build_model("vit_s16", num_classes=3).state_dict(), vit)
+    cache = tmp_path / "cache"
+    flags = ["--dataset", "synthetic:classes=2,n=2,size=16", "--source", "synthetic:source,classes=2,n=4,size=16",
+             "-a", str(vit), "--max_samples", "4", "--cache_dir", str(cache)]
+    rows = stats_rows(tmp_path, "vit", *flags)
+    assert rows[0]["feature_dim"] == 384 and rows[0]["samples"] == 4
+    cached = sorted(cache.iterdir())
+    assert len(cached) == 2  # target and source
+    for path in cached:
+        with np.load(path) as archive:
+            assert "size=[224, 224]" in str(archive["meta"])
+    refused = tmp_path / "refused.json"
+    expect_error(capsys, ["stats", *flags, "--img_size", "16", "--json", str(refused)],
+                 "--img_size 16: vit_s16 takes 224-px images only; leave --img_size out or give 224")
+    assert not refused.exists() and sorted(cache.iterdir()) == cached
+
+
+def test_stats_cache_holds_features_per_input_size(tmp_path):
+    """A second call at another --img_size with the same --cache_dir computes its own
+    features: the same G as with an empty cache, not the first call's."""
+    a = tmp_path / "a.pth"
+    torch.manual_seed(0)
+    torch.save(build_model("resnet20", 6).state_dict(), a)
+    flags = ["--dataset", "synthetic:classes=3,n=6,size=16,gap=0.5", "--source", "synthetic:source,classes=4,n=10,size=16",
+             "-a", str(a), "--max_samples", "18"]
+    shared = ["--cache_dir", str(tmp_path / "shared")]
+    at_32 = stats_rows(tmp_path, "at_32", *flags, *shared, "--img_size", "32")[0]
+    at_16 = stats_rows(tmp_path, "at_16", *flags, *shared, "--img_size", "16")[0]
+    fresh_16 = stats_rows(tmp_path, "fresh_16", *flags, "--cache_dir", str(tmp_path / "fresh"), "--img_size", "16")[0]
+    assert at_16["G"] == fresh_16["G"] and at_16["D"] == fresh_16["D"]
+    assert at_16["G"] != at_32["G"] and at_16["D"] != at_32["D"]
+    assert len(list((tmp_path / "shared").iterdir())) == 4  # (target, source) x (32 px, 16 px)

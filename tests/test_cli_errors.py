@@ -527,3 +527,18 @@ def test_training_script_refuses_bad_augmentation_flags(training_refusals, case)
     assert len(lines) == 1 and lines[0].startswith(f"{TRAINING_SCRIPT}: error: {TRAINING_REFUSALS[case][1]}"), lines
     assert proc.stdout == ""
     assert list(folder.iterdir()) == []
+
+
+def test_device_defaults_to_cpu_here_and_auto_elsewhere():
+    """A ResNet-50 trio takes ~66 ms on the CPU, less than starting CUDA and copying the weights;
+    the scripts that run models keep ``auto``."""
+    import argparse
+
+    from utils import add_device_flag
+
+    trio = ["-r", "r.pth", "-a", "a.pth", "-b", "b.pth"]
+    assert cal_transferability.parse_args(trio).device == "cpu"
+    assert cal_transferability.parse_args([*trio, "--device", "cuda"]).device == "cuda"
+    parser = argparse.ArgumentParser()
+    add_device_flag(parser)
+    assert parser.parse_args([]).device == "auto" and "(default: auto)" in parser.format_help()

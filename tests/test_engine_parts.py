@@ -87,7 +87,7 @@ def test_checkpointer_round_trip(tmp_path):
     optimization = build_optimization(model, settings(), CPU.device)
     optimization.optimizer.step()
     optimization.scheduler.step()
-    files = Checkpointer(tmp_path / "b.pth", is_main=True)
+    files = Checkpointer(tmp_path / "b.pth", CPU)
     progress = RunProgress(epoch=1, step=3, best_acc=50.0, best_epoch=1, history=[{"epoch": 1}],
                            partial={"loss": 1.0, "correct": 1, "seen": 2, "skipped": 0, "time": 0.5})
     files.save_best(model)
@@ -96,14 +96,15 @@ def test_checkpointer_round_trip(tmp_path):
 
     fresh = nn.Linear(2, 2)
     fresh_optimization = build_optimization(fresh, settings(), CPU.device)
-    restored = Checkpointer.restore(load_checkpoint(files.last_path), fresh, fresh_optimization)
-    assert restored == progress
+    restored, note = files.restore(load_checkpoint(files.last_path), fresh, fresh_optimization)
+    assert restored == progress and note is None
     assert torch.equal(fresh.weight, model.weight) and fresh_optimization.lr == optimization.lr
     resumed = EpochStats.resumed(restored)
     assert (resumed.loss, resumed.seen, resumed.seconds, resumed.step) == (1.0, 2, 0.5, 3)
     assert EpochStats.resumed(RunProgress(epoch=2)) == EpochStats()
 
-    elsewhere = Checkpointer(tmp_path / "other" / "b.pth", is_main=False)  # only the main process writes
+    rank1 = ProcessInfo(rank=1, world_size=1, local_rank=0, device=torch.device("cpu"))  # only rank 0 writes
+    elsewhere = Checkpointer(tmp_path / "other" / "b.pth", rank1)
     elsewhere.save_best(model)
     elsewhere.save_last(model, optimization, progress, {})
     assert not (tmp_path / "other").exists()
@@ -140,3 +141,140 @@ def test_outputs_check_first_write_all_or_nothing_and_list_what_they_wrote(tmp_p
     with pytest.raises(TypeError):
         broken.commit()
     assert not (tmp_path / "b.json").exists() and not (tmp_path / "b.csv").exists()
+
+
+def test_a_cpu_run_never_touches_cuda_and_restores_without_it(tmp_path, monkeypatch):
+    """Resuming on another machine: a checkpoint with CUDA states of 8 GPUs (or the old
+    format's rank-0 list) resumes on the CPU, and saving on the CPU never asks CUDA."""
+    from engine.checkpoint import rng_state, set_rng_state
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("CUDA touched in a CPU run")
+
+    for name in ("get_rng_state", "get_rng_state_all", "set_rng_state", "set_rng_state_all", "init"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    state = rng_state(CPU)
+    assert state["cuda_by_rank"] == []
+    state["cuda_by_rank"] = [torch.zeros(16, dtype=torch.uint8)] * 8
+    assert set_rng_state(state, CPU) is None
+    legacy = {k: v for k, v in state.items() if k != "cuda_by_rank"} | {"cuda": [torch.zeros(16, dtype=torch.uint8)] * 8}
+    assert set_rng_state(legacy, CPU) is None
+
+
+def test_cuda_states_of_another_number_of_processes_are_left_with_a_note(monkeypatch):
+    """On a GPU, rank r restores the state rank r saved; with another number of processes
+    (a smaller machine, CUDA_VISIBLE_DEVICES) nothing is restored and a note says so."""
+    from engine.checkpoint import rng_state, set_rng_state
+
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update({device.index: state}))
+    gpu = ProcessInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cuda", 1))
+    state = rng_state(CPU)
+    state["cuda_by_rank"] = [torch.full((4,), 0, dtype=torch.uint8), torch.full((4,), 1, dtype=torch.uint8)]
+    assert set_rng_state(state, gpu) is None and restored[1].tolist() == [1, 1, 1, 1]
+    single = ProcessInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
+    note = set_rng_state(state, single)
+    assert "2 process(es)" in note and "run of 1" in note and list(restored) == [1]
+
+
+def test_tf32_is_one_switch_for_convolutions_and_matmuls(monkeypatch):
+    import finetune
+    from engine import job_from_args
+    from engine.processes import set_tf32
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    set_tf32(True)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    set_tf32(False)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    argv = ["--dataset", "synthetic", "-a", "a.pth", "-b", "b.pth"]
+    assert job_from_args(finetune.parse_args(argv)).tf32 is True  # the seed's PyTorch 1.8 default
+    assert job_from_args(finetune.parse_args(argv + ["--no-tf32"])).tf32 is False
+
+
+def test_ahead_yields_everything_in_order_passes_errors_and_stops_with_the_consumer():
+    import threading
+    import time
+
+    from data.loading import ahead
+
+    assert list(ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("broken image")
+
+    with pytest.raises(ValueError, match="broken image"):
+        list(ahead(failing(), depth=2))
+    before = threading.active_count()
+    consumer = ahead(iter(range(10**6)), depth=2)
+    assert next(consumer) == 0
+    consumer.close()  # the consumer stops early (a stop signal): the thread ends too
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= before
+
+
+def test_cached_loader_with_prefetch_gives_the_same_batches():
+    from data.cache import ImageCache
+    from data.loading import CachedLoader
+
+    images = torch.arange(20 * 3 * 2 * 2, dtype=torch.int64).remainder(256).to(torch.uint8).view(20, 3, 2, 2)
+    cache = ImageCache(images, torch.arange(20), torch.tensor([i != 7 for i in range(20)]))
+    sampler = EpochSampler(20, seed=3)
+    sampler.set_epoch(1)
+    plain = list(CachedLoader(cache, sampler, 6, pin_memory=False))
+    ahead_ = list(CachedLoader(cache, sampler, 6, pin_memory=False, prefetch=2))
+    assert len(plain) == len(ahead_) == 4 and sum(skipped for _, _, skipped in plain) == 1
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2] for a, b in zip(plain, ahead_))
+
+
+def varied_batches(n: int, nan_at: int | None = None):
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        images = torch.randn(4, 2, generator=generator)
+        if i == nan_at:
+            images[0, 0] = math.nan
+        out.append((images, torch.tensor([0, 1, 1, 0]), 0))
+    return out
+
+
+def test_reading_the_loss_every_few_steps_trains_the_same_weights():
+    """check_every only changes when the host reads the device's sums, never the weights;
+    the counts are exact and the summed loss agrees to rounding."""
+    results = []
+    for every in (1, 4):
+        torch.manual_seed(0)
+        model = nn.Linear(2, 2)
+        optimization = build_optimization(model, settings(), CPU.device)
+        with StopRequests() as stop:
+            stats = train_one_epoch(model, varied_batches(10), optimization, CPU, settings(check_every=every), 0,
+                                    EpochStats(), None, stop)
+        results.append((model.weight.detach().clone(), stats))
+    (w1, s1), (w4, s4) = results
+    assert torch.equal(w1, w4)
+    assert (s1.seen, s1.correct, s1.step) == (s4.seen, s4.correct, s4.step) == (40, s1.correct, 10)
+    assert s4.loss == pytest.approx(s1.loss, rel=1e-12)
+
+
+def test_a_non_finite_loss_between_checks_is_caught_at_the_next_check_with_its_step():
+    model = nn.Linear(2, 2)
+    optimization = build_optimization(model, settings(), CPU.device)
+    with StopRequests() as stop, pytest.raises(Diverged) as caught:
+        train_one_epoch(model, varied_batches(10, nan_at=5), optimization, CPU, settings(check_every=4), 3,
+                        EpochStats(), None, stop)
+    assert caught.value.step == 5 and math.isnan(caught.value.value)  # found at the check after step 7
+
+
+def test_a_stop_request_takes_effect_at_the_next_check_step():
+    model = nn.Linear(2, 2)
+    optimization = build_optimization(model, settings(), CPU.device)
+    with StopRequests() as stop:
+        stop.signum = 15
+        stats = train_one_epoch(model, varied_batches(10), optimization, CPU, settings(check_every=4), 0,
+                                EpochStats(), None, stop)
+    assert (stats.stopped_by, stats.step, stats.seen) == (15, 4, 16)

@@ -61,7 +61,7 @@ def test_pretrain_writes_the_initialisation_it_started_from(pretrained):
     assert log[0]["lr"] == 0.05
     checkpoint = torch.load(r.parent / "a.last.pth", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_acc", "rng", "args"} <= checkpoint.keys()
-    assert {"torch", "cuda", "numpy", "python"} <= checkpoint["rng"].keys()
+    assert {"torch", "cuda_by_rank", "numpy", "python"} <= checkpoint["rng"].keys()
     assert checkpoint["epoch"] == 2 and checkpoint["args"]["arch"] == "resnet20"
 
 
@@ -529,3 +529,55 @@ def test_norm_weight_decay_puts_normalisation_parameters_in_their_own_group():
     after = dict(model.named_parameters())
     assert torch.allclose(after["conv1.weight"], before["conv1.weight"] * (1 - 0.1 * 1e-2))
     assert torch.allclose(after["bn1.weight"], before["bn1.weight"] * (1 - 0.1 * 1e-4))
+
+
+# ------------------------------------------------------------ fixed input sizes (ViT)
+
+VIT_TARGET = "synthetic:classes=2,n=2,n_val=1,size=32"  # a 32-px task: a ViT must see it at 224 px
+VIT_REFUSAL = "--img_size 32: vit_s16 takes 224-px images only; leave --img_size out or give 224"
+
+
+@pytest.fixture(scope="module")
+def vit_start(tmp_path_factory) -> Path:
+    a = tmp_path_factory.mktemp("vit") / "vit_a.pth"
+    torch.manual_seed(0)
+    torch.save(build_model("vit_s16", num_classes=3).state_dict(), a)
+    return a
+
+
+def test_input_size_is_the_architectures_fixed_size_else_the_data_sets():
+    assert engine.runs.input_size("vit_s16", None, VIT_TARGET) == 224
+    assert engine.runs.input_size("vit_b16", 224, "cifar10") == 224
+    assert engine.runs.input_size("resnet20", None, VIT_TARGET) == 32
+    assert engine.runs.input_size("resnet50", 48, "cifar10") == 48
+    assert engine.runs.input_size(None, None, "cifar10") == 32
+    with pytest.raises(UserError, match="--img_size 32: vit_s16 takes 224-px images only"):
+        engine.runs.input_size("vit_s16", 32, "cifar10")
+
+
+def test_vit_finetunes_at_its_input_size_on_a_32_px_data_set(vit_start, tmp_path):
+    """The ViT failed at its first step (torchvision's assertion: 32-px images, 224 wanted)."""
+    b = tmp_path / "b.pth"
+    argv = ["--dataset", VIT_TARGET, "--batch_size", "4", "--workers", "0", "--device", "cpu", "--max_epoch", "1",
+            "-a", str(vit_start), "-b", str(b)]
+    assert run_cli(finetune.main, argv) == 0
+    assert load_state_dict_safely(b)["heads.head.weight"].shape == (2, 384)
+    assert torch.load(tmp_path / "b.last.pth", weights_only=True)["args"]["img_size"] == 224
+
+
+@pytest.mark.parametrize("script", ["finetune", "pretrain"])
+def test_vit_refuses_another_img_size_before_reading_or_writing(vit_start, tmp_path, capsys, monkeypatch, script):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were opened before --img_size was checked")
+
+    monkeypatch.setattr(engine.runs, "build_train_val", no_data)
+    common = ["--dataset", VIT_TARGET, "--img_size", "32", "--workers", "0", "--device", "cpu", "--max_epoch", "1"]
+    if script == "finetune":
+        argv = [*common, "-a", str(vit_start), "-b", str(tmp_path / "b.pth")]
+        expect_error(capsys, finetune.main, argv, VIT_REFUSAL)
+        argv = [*common, "--from_scratch", str(vit_start), "-b", str(tmp_path / "b.pth")]
+        expect_error(capsys, finetune.main, argv, VIT_REFUSAL)
+    else:
+        argv = [*common, "--arch", "vit_s16", "-r", str(tmp_path / "r.pth"), "-a", str(tmp_path / "a.pth")]
+        expect_error(capsys, pretrain_on_ImageNet.main, argv, VIT_REFUSAL)
+    assert list(tmp_path.iterdir()) == []
