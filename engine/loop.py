@@ -344,16 +344,42 @@ def place_model(model: nn.Module, settings: TrainSettings, process: ProcessInfo)
     return model
 
 
-def training_model(model: nn.Module, settings: TrainSettings, process: ProcessInfo) -> nn.Module:
-    """What the training steps call: the model wrapped in DDP (several processes) and
-    compiled (``--compile``)."""
+class StaticShapes:
+    """A model called through ``torch.compile`` with static shapes for full batches and
+    eagerly for any other batch size (an epoch's smaller last batch, a batch that lost corrupt
+    images, the one-image stand-in step): one compiled graph, never a recompilation. Without
+    ``compile`` every call is eager. ``train``/``eval``/``modules`` act on the eager module."""
+
+    def __init__(self, module: nn.Module, batch_size: int, compile: bool) -> None:
+        self.module, self.batch_size = module, batch_size
+        self.compiled = torch.compile(module, dynamic=False) if compile else None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None and images.shape[0] == self.batch_size:
+            return self.compiled(images)
+        return self.module(images)
+
+    def train(self, mode: bool = True) -> "StaticShapes":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "StaticShapes":
+        return self.train(False)
+
+    def modules(self):
+        return self.module.modules()
+
+
+def training_model(model: nn.Module, settings: TrainSettings, process: ProcessInfo) -> StaticShapes:
+    """What the training steps call: the model wrapped in DDP (several processes), compiled
+    for full batches with ``--compile`` (:class:`StaticShapes`)."""
     if process.distributed:
         device = process.device
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(model) if settings.compile else model
+    return StaticShapes(model, settings.batch_size, settings.compile)
 
 
-def close_epoch(model: nn.Module, val_loader, stats: EpochStats, optimization: Optimization,
+def close_epoch(eval_model: StaticShapes, val_loader, stats: EpochStats, optimization: Optimization,
                 process: ProcessInfo, settings: TrainSettings, epoch: int, progress: RunProgress) -> tuple[dict, bool]:
     """Step the schedule, validate, and record the epoch in ``progress``; returns the
     history entry and whether the validation accuracy improved."""
@@ -361,7 +387,7 @@ def close_epoch(model: nn.Module, val_loader, stats: EpochStats, optimization: O
     optimization.scheduler.step()
     loss_sum, correct, seen, skipped, overflows = process.all_reduce(
         [stats.loss, stats.correct, stats.seen, stats.skipped, stats.overflow_steps])
-    val_loss, val_acc = evaluate(model, val_loader, process, settings.channels_last, optimization.amp_dtype,
+    val_loss, val_acc = evaluate(eval_model, val_loader, process, settings.channels_last, optimization.amp_dtype,
                                  settings.progress)
     entry = {
         "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": 100 * correct / max(seen, 1),
@@ -408,6 +434,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, settings: TrainS
             announce(note)
         announce(f"resumed at epoch {progress.epoch + 1} step {progress.step} (best val acc {progress.best_acc:.2f}%)")
     train_model = training_model(model, settings, process)
+    eval_model = StaticShapes(model, settings.batch_size, settings.compile)  # validation: its own graph, eval mode
     per_sample = isinstance(train_set, SeededSamples)
     samplers = (EpochSampler(len(train_set), settings.seed, process.rank, process.world_size, sample_seeds=per_sample),
                 EpochSampler(len(val_set), settings.seed, process.rank, process.world_size, shuffle=False))
@@ -434,7 +461,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, settings: TrainS
                 announce(f"stopped by signal {stats.stopped_by} at epoch {epoch + 1} step {stats.step}; "
                          f"continue with --resume {files.last_path}")
                 return FitResult(progress.best_acc, progress.best_epoch, progress.history, stats.stopped_by)
-            entry, improved = close_epoch(model, val_loader, stats, optimization, process, settings, epoch, progress)
+            entry, improved = close_epoch(eval_model, val_loader, stats, optimization, process, settings, epoch,
+                                          progress)
             if improved:
                 files.save_best(model)
             files.save_last(model, optimization, progress, settings.args)

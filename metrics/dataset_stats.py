@@ -515,6 +515,9 @@ def _collate(batch: list) -> Any:
     return collate_skip_none(batch)
 
 
+FEATURE_FLUSH = 32  # batches of features kept on the device before one copy back to the host
+
+
 def extract_features(dataset: Dataset, extractor: Callable[[torch.Tensor], torch.Tensor], *,
                      batch_size: int = 256, device: torch.device | str = "cpu", max_samples: int | None = None,
                      seed: int = 0, stratify: bool = False,
@@ -534,18 +537,25 @@ def extract_features(dataset: Dataset, extractor: Callable[[torch.Tensor], torch
     indices = subset_indices(size, max_samples, seed, labels_before)
     if hasattr(extractor, "to"):
         extractor = extractor.to(device) or extractor
+    from data.loading import default_workers
+
     loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=0, collate_fn=_collate, pin_memory=device.type == "cuda")
+                        num_workers=default_workers(device), collate_fn=_collate, pin_memory=device.type == "cuda")
     features: list[np.ndarray] = []
     labels: list[np.ndarray] = []
+    pending: list[torch.Tensor] = []  # on the device: copied back every FEATURE_FLUSH batches, not per batch
     with torch.no_grad():
         for batch in tqdm(loader, desc="features", unit="batch", disable=not progress, leave=False):
             if batch is None:
                 continue
             images, targets = batch
-            output = extractor(images.to(device, non_blocking=True))
-            features.append(output.flatten(1).float().cpu().numpy())
-            labels.append(torch.as_tensor(targets).reshape(-1).cpu().numpy().astype(np.int64))
+            pending.append(extractor(images.to(device, non_blocking=True)).flatten(1).float())
+            labels.append(torch.as_tensor(targets).reshape(-1).numpy().astype(np.int64))
+            if len(pending) == FEATURE_FLUSH:
+                features.append(torch.cat(pending).cpu().numpy())
+                pending = []
+    if pending:
+        features.append(torch.cat(pending).cpu().numpy())
     if not features:
         raise UserError("no sample could be loaded to extract features from")
     return np.concatenate(features), np.concatenate(labels)

@@ -278,3 +278,45 @@ def test_a_stop_request_takes_effect_at_the_next_check_step():
         stats = train_one_epoch(model, varied_batches(10), optimization, CPU, settings(check_every=4), 0,
                                 EpochStats(), None, stop)
     assert (stats.stopped_by, stats.step, stats.seen) == (15, 4, 16)
+
+
+def test_compile_sees_full_batches_only_and_validation_has_its_own_graph(tmp_path, monkeypatch):
+    """--compile: one static graph for training and one for validation; a smaller last batch
+    (and anything else not of the full batch size) runs eagerly instead of recompiling."""
+    import engine.loop as loop
+    from data.transforms import BatchAugment
+    from models import build_model
+
+    calls = []
+
+    def fake_compile(module, dynamic=None):
+        assert dynamic is False
+        index = len(calls)
+        calls.append([])
+
+        def compiled(images):
+            calls[index].append((images.shape[0], module.training))
+            return module(images)
+        return compiled
+
+    monkeypatch.setattr(loop.torch, "compile", fake_compile)
+
+    class Tiny(torch.utils.data.Dataset):
+        classes = [0, 1]
+
+        def __init__(self, count):
+            self.count = count
+
+        def __len__(self):
+            return self.count
+
+        def __getitem__(self, index):
+            return torch.full((3, 8, 8), index, dtype=torch.uint8), index % 2
+
+    result = loop.fit(build_model("resnet20", 2), Tiny(10), Tiny(6), settings(epochs=1, batch_size=4, compile=True,
+                      cache="off", workers=0), CPU, tmp_path / "b.pth", announce=lambda text: None,
+                      augment=BatchAugment(8))
+    assert len(result.history) == 1 and len(calls) == 2
+    train_calls, eval_calls = calls
+    assert train_calls == [(4, True), (4, True)]  # the last batch of 2 ran eagerly
+    assert eval_calls == [(4, False)]  # validation's last batch of 2 too
