@@ -81,7 +81,8 @@ class EpochSampler(DistributedSampler):
                 for position, index in enumerate(indices) if position >= self.skip)
 
     def __len__(self) -> int:
-        return len(self._indices()) - self.skip
+        # a run stopped after an epoch's last step resumes with nothing left of that epoch
+        return max(0, len(self._indices()) - self.skip)
 
 
 class SeededSamples(Dataset):

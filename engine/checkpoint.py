@@ -15,7 +15,7 @@ import random
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -28,9 +28,14 @@ from utils import UserError, check_writable, save_state_dict, write_atomically
 
 CHECKPOINT_FORMAT = "transferability-train-1"
 
-# What a resumed run must share with the run that wrote its checkpoint.
+# What a resumed run must share with the run that wrote its checkpoint: refused when missing
+# (a checkpoint of an older version) or different.
 RESUME_KEYS = ("arch", "dataset", "augment", "color_jitter")
-
+# What it must share as well, compared where the checkpoint records it: another schedule, batch
+# size, seed or number of processes would resume a different run (a cosine schedule climbing
+# back up, the wrong samples skipped).
+SAME_WHEN_RESUMING = ("max_epoch", "batch_size", "lr", "momentum", "weight_decay", "norm_weight_decay", "lr_step",
+                      "seed", "amp", "world_size")
 
 def run_files(best_path: str | os.PathLike) -> tuple[Path, Path, Path]:
     """``OUT.pth`` -> (``OUT.pth``, ``OUT.last.pth``, ``OUT.log.jsonl``)."""
@@ -109,18 +114,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return checkpoint
 
 
-def check_resume(checkpoint: Mapping, settings, keys: Sequence[str] = RESUME_KEYS) -> None:
-    """A resume checkpoint must come from a run of the same architecture, dataset and
-    training augmentation (``--augment``, ``--color_jitter``); ``settings`` has these as
-    attributes, and ``resume``, the checkpoint's path."""
+def check_resume(checkpoint: Mapping, settings, world_size: int = 1) -> None:
+    """A resume checkpoint must come from a run with the same architecture, data set,
+    augmentation (:data:`RESUME_KEYS`), schedule, batch size, seed, precision and number of
+    processes (:data:`SAME_WHEN_RESUMING`); ``settings`` has these as attributes (a
+    :class:`engine.runs.TrainJob`), and ``resume``, the checkpoint's path."""
     saved = checkpoint.get("args", {})
-    for key in keys:
+    current = {key: getattr(settings, key, None) for key in (*RESUME_KEYS, *SAME_WHEN_RESUMING)}
+    current["world_size"] = world_size
+    for key in RESUME_KEYS:
         if key not in saved:
             raise UserError(f"--resume {settings.resume}: was written by an older version that did not record "
                             f"--{key}; start a new run")
-        if saved[key] != getattr(settings, key):
-            raise UserError(f"--resume {settings.resume}: was written by a run with --{key} {saved[key]}, "
-                            f"not {getattr(settings, key)}; resume with the same --{key} or start a new run")
+    for key in (*RESUME_KEYS, *SAME_WHEN_RESUMING):
+        if key not in saved or saved[key] == current[key]:
+            continue
+        if key == "world_size":
+            raise UserError(f"--resume {settings.resume}: was written by a run of {saved[key]} process(es), not "
+                            f"{world_size}; resume with as many processes (torchrun --nproc_per_node ...)")
+        raise UserError(f"--resume {settings.resume}: was written by a run with --{key} {saved[key]}, "
+                        f"not {current[key]}; resume with the same --{key} or start a new run")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -133,6 +146,59 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """CPU copies in the standard (contiguous) layout, whatever the model's memory format."""
     return {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
             for k, v in unwrap(model).state_dict().items()}
+
+
+class RunLock:
+    """A lock on a run's output files (``OUT.lock`` beside ``OUT.pth``), held while the run
+    writes them, so that a second run with the same outputs is refused instead of mixing its
+    files with the first's. It is an advisory ``flock`` on the lock file, which the operating
+    system releases when the holding process ends in any way: a lock left by a dead process
+    never blocks (the file holds the last holder's pid, host and start time, for the message)."""
+
+    def __init__(self, best_path: str | os.PathLike, flag: str) -> None:
+        best, _, _ = run_files(best_path)
+        self.path, self.flag, self.handle = best.with_name(best.name + ".lock"), flag, None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"{self.flag} {self.path.with_suffix('')}: another run is writing these files ({holder}); "
+                            f"wait for it to end or stop it, or choose other output paths") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.path.unlink(missing_ok=True)
+            self.handle.close()  # closing releases the flock
+            self.handle = None
+
+
+def lock_outputs(best_path: str | os.PathLike, flag: str, process: ProcessInfo) -> RunLock:
+    """The run's :class:`RunLock`, taken by the main process (the one that writes); every
+    process raises the refusal, so that none goes on alone."""
+    lock, refused = RunLock(best_path, flag), None
+    if process.is_main:
+        try:
+            lock.acquire()
+        except UserError as err:
+            refused = err
+    if process.all_reduce([float(refused is not None)], op=dist.ReduceOp.MAX)[0]:
+        raise refused or UserError(f"{flag} {best_path}: another run is writing these files; wait for it to end")
+    return lock
 
 
 @dataclass

@@ -12,7 +12,9 @@ and the checkpointer.
 from __future__ import annotations
 
 import os
+import re
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -384,7 +386,9 @@ def close_epoch(eval_model: StaticShapes, val_loader, stats: EpochStats, optimiz
     """Step the schedule, validate, and record the epoch in ``progress``; returns the
     history entry and whether the validation accuracy improved."""
     lr = optimization.lr
-    optimization.scheduler.step()
+    with warnings.catch_warnings():  # resumed after an epoch's last step: the optimizer has not stepped since
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        optimization.scheduler.step()
     loss_sum, correct, seen, skipped, overflows = process.all_reduce(
         [stats.loss, stats.correct, stats.seen, stats.skipped, stats.overflow_steps])
     val_loss, val_acc = evaluate(eval_model, val_loader, process, settings.channels_last, optimization.amp_dtype,
@@ -408,6 +412,14 @@ def epoch_line(entry: dict, epochs: int, improved: bool) -> str:
             f"val loss {entry['val_loss']:.4f} acc {entry['val_acc']:.2f}%  lr {entry['lr']:.3g}  "
             f"{entry['images_per_s']:.0f} img/s" + ("  *best" if improved else "")
             + (f"  ({entry['skipped_images']} corrupt images skipped)" if entry["skipped_images"] else ""))
+
+
+def divergence_message(err: Diverged, files: Checkpointer, settings: TrainSettings) -> str:
+    kept = (f"the files of the last finished epoch are kept ({files.last_path})" if files.last_path.exists()
+            else "no epoch had finished, so no checkpoint was written")
+    advice = "try a lower --lr" + (f" or --amp off (it was {settings.amp})" if settings.amp != "off" else "")
+    return (f"the training loss became {err.value} at epoch {err.epoch + 1} step {err.step + 1}; stopped: {kept}; "
+            f"{advice}")
 
 
 def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, settings: TrainSettings, process: ProcessInfo,
@@ -451,10 +463,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, settings: TrainS
                 stats = train_one_epoch(train_model, train_loader, optimization, process, settings, epoch,
                                         EpochStats.resumed(progress), augment, stop)
             except Diverged as err:
-                raise UserError(
-                    f"the training loss became {err.value} at epoch {epoch + 1} step {err.step + 1}; stopped. The "
-                    f"files of the last finished epoch are kept ({files.last_path}); try a lower --lr or --amp off"
-                ) from None
+                raise UserError(divergence_message(err, files, settings)) from None
             if stats.stopped_by:
                 progress.step, progress.partial = stats.step, stats.partial()
                 files.save_last(model, optimization, progress, settings.args)

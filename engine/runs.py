@@ -14,7 +14,14 @@ from typing import Callable, Mapping
 from torch import nn
 
 from data.loading import build_train_val, default_workers
-from engine.checkpoint import check_outputs, check_resume, load_checkpoint, run_files, seed_everything
+from engine.checkpoint import (
+    check_outputs,
+    check_resume,
+    load_checkpoint,
+    lock_outputs,
+    run_files,
+    seed_everything,
+)
 from engine.loop import fit
 from engine.processes import barrier, join_process_group, leave_process_group, set_tf32
 from engine.settings import TrainSettings
@@ -59,9 +66,12 @@ class TrainJob:
     progress: bool = True  # progress bars (on the main process)
 
 
-def train_settings(job: TrainJob, device, *, schedule: str, label: str, outputs: list[str]) -> TrainSettings:
-    """The loop's settings; checkpoints record the job and the files it writes."""
-    recorded = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job).items()}, "outputs": outputs}
+def train_settings(job: TrainJob, device, *, schedule: str, label: str, outputs: list[str],
+                   world_size: int = 1) -> TrainSettings:
+    """The loop's settings; checkpoints record the job, the files it writes and the number of
+    processes (a resumed run must have as many)."""
+    recorded = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job).items()}, "outputs": outputs,
+                "world_size": world_size}
     return TrainSettings(
         epochs=job.max_epoch, batch_size=job.batch_size, lr=job.lr, weight_decay=job.weight_decay,
         norm_weight_decay=job.norm_weight_decay, momentum=job.momentum, schedule=schedule, step_size=job.lr_step,
@@ -109,6 +119,7 @@ def run_training(job: TrainJob, *, best_path: str | os.PathLike, outputs: Mappin
     if process.device.type == "cuda":
         set_tf32(job.tf32)
     announce = process.printer(announce)
+    lock = None
     try:
         job.img_size = input_size(job.arch, job.img_size, job.dataset)
         if job.augment == "pil" and job.cache == "on":
@@ -116,20 +127,23 @@ def run_training(job: TrainJob, *, best_path: str | os.PathLike, outputs: Mappin
                             "step, so the training images are never held in memory; use --cache auto (which "
                             "holds the validation images when they fit) or off, or --augment batch")
         check_outputs(outputs, job.overwrite, job.resume is not None)
+        lock = lock_outputs(best_path, outputs.get(Path(best_path), "-b"), process)
         resume = None
         if job.resume:
             resume = load_checkpoint(job.resume)
-            check_resume(resume, job)
+            check_resume(resume, job, process.world_size)
         train, val, job.img_size, augment = build_train_val(
             job.dataset, job.data_dir, job.img_size, job.color_jitter, job.skip_corrupt, job.seed, job.augment)
         seed_everything(job.seed)
         model = build_model(job.arch, num_classes=len(train.classes))
         barrier(process)
         init_model(model, resume is not None, process.is_main)
-        settings = train_settings(job, process.device, schedule=schedule, label=label,
+        settings = train_settings(job, process.device, schedule=schedule, label=label, world_size=process.world_size,
                                   outputs=[str(path) for path in outputs])
         result = fit(model, train, val, settings, process, best_path, resume, announce, augment)
     finally:
+        if lock is not None:
+            lock.release()
         leave_process_group(process)
     if result.stopped_by:
         return 128 + result.stopped_by

@@ -320,3 +320,58 @@ def test_compile_sees_full_batches_only_and_validation_has_its_own_graph(tmp_pat
     train_calls, eval_calls = calls
     assert train_calls == [(4, True), (4, True)]  # the last batch of 2 ran eagerly
     assert eval_calls == [(4, False)]  # validation's last batch of 2 too
+
+
+class SignallingSet(torch.utils.data.Dataset):
+    """Eight deterministic 8x8 images; reading ``signal_at`` (once) sends this process SIGTERM."""
+
+    classes = [0, 1]
+
+    def __init__(self, count: int, signal_at: int | None = None, offset: int = 0) -> None:
+        self.count, self.signal_at, self.offset = count, signal_at, offset
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        import os
+        import signal
+
+        if index == self.signal_at:
+            self.signal_at = None
+            os.kill(os.getpid(), signal.SIGTERM)
+        generator = torch.Generator().manual_seed(index + self.offset)
+        return torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=generator), index % 2
+
+
+def fit_tiny(path, train, val, resume=None):
+    import engine.loop as loop
+    from data.transforms import BatchAugment
+    from models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 2)
+    result = loop.fit(model, train, val, settings(epochs=3, batch_size=4, cache="off", workers=0), CPU, path,
+                      resume=resume, announce=lambda text: None, augment=BatchAugment(8))
+    return result, model
+
+
+@pytest.mark.parametrize("where", ["last training batch", "validation"])
+def test_a_stop_after_the_last_batch_or_in_validation_resumes_bit_identical(tmp_path, where):
+    """A stop request that arrives while the epoch's last batch (index order: the sampler's)
+    or the validation set is read must leave a checkpoint that resumes to the weights of a
+    run never stopped."""
+    from data.loading import EpochSampler
+    from engine.checkpoint import load_checkpoint
+
+    _, reference = fit_tiny(tmp_path / "a.pth", SignallingSet(10), SignallingSet(6, offset=100))
+    last_index = list(EpochSampler(10, seed=0))[-1]  # read in the last batch of the first epoch
+    train = SignallingSet(10, signal_at=last_index if where.startswith("last") else None)
+    val = SignallingSet(6, signal_at=3 if where == "validation" else None, offset=100)
+    stopped, _ = fit_tiny(tmp_path / "b.pth", train, val)
+    assert stopped.stopped_by == 15
+    checkpoint = load_checkpoint(tmp_path / "b.last.pth")
+    result, resumed = fit_tiny(tmp_path / "b.pth", SignallingSet(10), SignallingSet(6, offset=100), checkpoint)
+    assert result.stopped_by == 0 and len(result.history) == 3
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[key]), key

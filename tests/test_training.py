@@ -468,6 +468,11 @@ def test_diverging_loss_stops_and_keeps_the_files(capsys, tmp_path, pretrained):
                            "epoch 1 step")
     assert "nan" in message.lower() or "inf" in message.lower()
     assert b.read_text() == "last good"
+    # no epoch finished: no .last.pth is named (none exists), and --amp off is not suggested when it was off
+    assert "no epoch had finished" in message and ".last.pth" not in message and "--amp off" not in message
+    message = expect_error(capsys, finetune.main, finetune_argv(a, b, "--overwrite", "--lr", "1e30", "--amp", "bf16",
+                                                                epochs=2), "epoch 1 step")
+    assert "--amp off (it was bf16)" in message
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -581,3 +586,49 @@ def test_vit_refuses_another_img_size_before_reading_or_writing(vit_start, tmp_p
         argv = [*common, "--arch", "vit_s16", "-r", str(tmp_path / "r.pth"), "-a", str(tmp_path / "a.pth")]
         expect_error(capsys, pretrain_on_ImageNet.main, argv, VIT_REFUSAL)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_run_on_the_same_outputs_is_refused_and_a_dead_runs_lock_is_not(capsys, tmp_path, pretrained):
+    """Two runs with the same -b would mix their files: while one holds OUT.lock the other
+    is refused with one line naming the holder; a lock file left by a process that died
+    (no flock held) does not block; the lock file is gone after a run."""
+    import os
+
+    from engine.checkpoint import RunLock
+
+    _, a = pretrained
+    b = tmp_path / "b.pth"
+    holder = RunLock(b, "-b")
+    holder.acquire()
+    try:
+        message = expect_error(capsys, finetune.main, finetune_argv(a, b, epochs=1), "another run is writing",
+                               f"pid {os.getpid()}")
+        assert "-b" in message
+        assert not b.exists() and not (tmp_path / "b.last.pth").exists()
+    finally:
+        holder.release()
+    (tmp_path / "b.pth.lock").write_text("pid 999999 on elsewhere, started long ago")  # a dead run's lock
+    assert run_cli(finetune.main, finetune_argv(a, b, epochs=1)) == 0
+    assert b.exists() and not (tmp_path / "b.pth.lock").exists()
+
+
+def test_resume_with_another_schedule_batch_size_seed_or_process_count_is_refused(capsys, tmp_path, pretrained):
+    _, a = pretrained
+    b = tmp_path / "b.pth"
+    assert run_cli(finetune.main, finetune_argv(a, b, epochs=1)) == 0
+    last = str(tmp_path / "b.last.pth")
+    for flag, value, recorded in (("--max_epoch", "3", "1"), ("--lr", "0.5", "0.01"), ("--seed", "7", "0"),
+                                  ("--weight_decay", "0.001", "0.0001")):
+        argv = finetune_argv(a, b, "--resume", last, epochs=1)
+        argv += [flag, value]
+        expect_error(capsys, finetune.main, argv, f"{flag} {recorded}", f"not {value}")
+    other_batch = finetune_argv(a, b, "--resume", last, epochs=1)
+    other_batch[other_batch.index("--batch_size") + 1] = "8"
+    expect_error(capsys, finetune.main, other_batch, "--batch_size 16", "not 8")
+    assert torch.load(last, weights_only=True)["args"]["world_size"] == 1
+    two = torch.load(last, weights_only=True)
+    two["args"]["world_size"] = 2
+    torch.save(two, tmp_path / "two.last.pth")
+    expect_error(capsys, finetune.main, finetune_argv(a, b, "--resume", str(tmp_path / "two.last.pth"), epochs=1),
+                 "2 process(es), not 1")
+    assert run_cli(finetune.main, finetune_argv(a, b, "--resume", last, epochs=1)) == 0  # the same settings resume
