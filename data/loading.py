@@ -13,15 +13,19 @@ exception), so that the main process can report it as one line.
 """
 from __future__ import annotations
 
+import datetime
+import functools
 import math
 import os
 import threading
 import time
 from queue import Full, Queue
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
@@ -235,10 +239,12 @@ def first_sample(dataset: Dataset):
     return None
 
 
-def fill_cache(dataset: Dataset, workers: int, desc: str, show: bool, stop_requested: Callable[[], bool]):
+def fill_cache(dataset: Dataset, workers: int, desc: str, show: bool, stop_requested: Callable[[], bool],
+               allocate: Callable | None = None):
     """Read every sample of ``dataset`` once (with ``workers`` loading processes) into an
-    :class:`data.cache.ImageCache`; None if its samples cannot be cached. Raises
-    :class:`Interrupted` when ``stop_requested()`` turns true on the way."""
+    :class:`data.cache.ImageCache` (its images in ``allocate(shape)``'s tensor, default one in
+    memory); None if its samples cannot be cached. Raises :class:`Interrupted` when
+    ``stop_requested()`` turns true on the way."""
     from data.cache import ImageCache
 
     loader = DataLoader(ReportingFailures(dataset), batch_size=64, num_workers=workers, collate_fn=list)
@@ -252,39 +258,202 @@ def fill_cache(dataset: Dataset, workers: int, desc: str, show: bool, stop_reque
                     raise UserError(sample.message)
                 yield sample
 
-    return ImageCache.from_samples(samples(), len(dataset))
+    return ImageCache.from_samples(samples(), len(dataset), allocate)
 
 
-def cache_wanted(splits: Mapping[str, Dataset], mode: str, announce: Callable[[str], None]) -> bool:
-    """Whether this process would hold ``splits`` in memory under ``--cache mode``: their
-    samples are uint8 images of one size and (``auto``) fit the memory :mod:`data.cache`
-    allows."""
-    from data.cache import available_memory, cacheable, processes_on_node, should_cache
+@dataclass
+class CachePlan:
+    """Where a job holds the decoded images (``kind``: a :data:`data.cache.CACHE_KINDS`) and,
+    split name -> :class:`data.cache.StoredImages`, their places in ``--cache_dir``."""
 
-    if mode == "off":
-        return False
+    kind: str = "off"
+    stored: dict = field(default_factory=dict)
+
+
+def choose_kind(splits: Mapping[str, Dataset], stored: Mapping, settings, announce: Callable[[str], None]) -> str:
+    """What ``settings.cache`` asks for ``splits`` on this node: off when the samples are not
+    uint8 images of one size, else :func:`data.cache.cache_kind` of their size, except that a
+    disk cache already written for every split is used by ``disk`` (without decoding even a
+    probe) and by ``auto`` where memory is short (whatever the free space)."""
+    from data.cache import available_memory, cache_kind, cacheable, free_space
+
+    mode = settings.cache
+    if mode == "disk" and all(entry.complete() for entry in stored.values()):
+        return "disk"
     probes = [first_sample(data) for data in splits.values()]
-    uniform = all(probe is None or cacheable(probe) for probe in probes)
+    if not all(probe is None or cacheable(probe) for probe in probes):
+        if mode != "auto":
+            announce(f"--cache {mode}: the data set does not yield uint8 images of one size; reading it every epoch")
+        return "off"
     needed = sum(len(data) * probe[0].numel() for data, probe in zip(splits.values(), probes) if probe is not None)
-    if mode == "on" and not uniform:
-        announce("--cache on: the data set does not yield uint8 images of one size; reading it every epoch")
-    return uniform and should_cache(mode, needed, processes_on_node(), available_memory())
+    kind = cache_kind(mode, needed, available_memory(), free_space(settings.cache_dir))
+    return "disk" if kind == "off" and mode == "auto" and all(entry.complete() for entry in stored.values()) else kind
 
 
-def cache_splits(splits: Mapping[str, Dataset], workers: int, show: bool, stop_requested: Callable[[], bool],
-                 announce: Callable[[str], None], per_sample: bool) -> dict:
-    """Each split read once into memory (split name -> ImageCache), or {} when one of them
-    cannot be cached."""
+def cache_wanted(splits: Mapping[str, Dataset], settings, process, announce: Callable[[str], None]) -> CachePlan:
+    """The job's :class:`CachePlan` under ``settings.cache``: each node's first process
+    (``process``: an :class:`engine.processes.ProcessInfo`) chooses (:func:`choose_kind`), and
+    the job takes the first of :data:`data.cache.CACHE_KINDS` any node chose. Every process
+    of the job calls it."""
+    from data.cache import CACHE_KINDS, stored_split
+
+    if settings.cache == "off":
+        return CachePlan()
+    stored = {name: stored_split(settings.cache_dir, data, name, settings) for name, data in splits.items()}
+    choice = len(CACHE_KINDS)  # the node's other processes leave the choice to its first
+    if process.local_rank == 0:
+        choice = CACHE_KINDS.index(choose_kind(splits, stored, settings, announce))
+    agreed = int(process.all_reduce([float(choice)], op=dist.ReduceOp.MIN)[0])
+    return CachePlan(CACHE_KINDS[agreed], stored)
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """The processes of a job as they wait for the first of their node to decode: its rank and
+    local rank, and a gloo group of all of them whose timeout outlasts any decoding (the
+    training's own group may give up sooner: NCCL's default is 10 minutes; ImageNet takes
+    longer). ``all_reduce`` as :meth:`engine.processes.ProcessInfo.all_reduce`."""
+
+    rank: int = 0
+    local_rank: int = 0
+    group: object = None  # None: a single process
+
+    @classmethod
+    def of(cls, process) -> "Waiting":
+        """Every process of the job calls it (making the group is collective)."""
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if process.distributed else None
+        return cls(process.rank, process.local_rank, group)
+
+    def all_reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+        if self.group is None:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor, op=op, group=self.group)
+        return tensor.tolist()
+
+
+def settle(work: Callable | None, process):
+    """``work()`` where given (None: this process only waits), then every process of the job
+    learns whether it went well everywhere, so that none waits for one that gave up: a
+    failure elsewhere raises here too (:class:`Interrupted` for a stop request, else a
+    :class:`UserError` pointing at the other process's error). Returns what ``work`` did."""
+    status, failure, result = 2.0, None, None
+    if work is not None:
+        try:
+            result = work()
+        except Interrupted as err:
+            status, failure = 1.0, err
+        except BaseException as err:  # noqa: BLE001 - raised again once the others know
+            status, failure = 0.0, err
+    worst = process.all_reduce([status], op=dist.ReduceOp.MIN)[0]
+    if failure is not None:
+        raise failure
+    if worst == 1.0:
+        raise Interrupted
+    if worst == 0.0:
+        raise UserError("another process of this run failed while caching the images; its error says why")
+    return result
+
+
+def node_caches(build: Callable[[], dict], follow: Callable[[], dict], process, phases: Sequence[Callable]) -> dict:
+    """The caches of a node: in each phase, the processes ``phases[i](process)`` names (and
+    that have none yet) ``build()`` them (or open what is there) while the others wait; then
+    each process that built nothing maps what its node's builder wrote (``follow()``)."""
+    caches = None
+    for builds_here in phases:
+        built = settle(build if caches is None and builds_here(process) else None, process)
+        caches = built if built is not None else caches
+    return caches if caches is not None else follow()
+
+
+def open_or_build(places: Sequence, fill: Callable, fallback: Callable[[str], None] | None = None):
+    """A split's images: mapped from the first of ``places`` (:class:`data.cache.StoredImages`)
+    that holds them, else written by ``fill`` into the first whose folder takes them. When
+    none does, ``fallback`` (--cache auto) is told and None returned (the files are read every
+    epoch); without one, the folder's error is raised."""
+    from data.cache import CacheFolderError
+
+    for entry in places:
+        cache = entry.open()
+        if cache is not None:
+            return cache
+    failure = None
+    for entry in places:
+        try:
+            return entry.build(fill)
+        except CacheFolderError as err:
+            failure = err
+    if fallback is None:
+        raise failure
+    fallback(f"--cache auto: {failure}; reading the files every epoch")
+    return None
+
+
+def shared_memory_caches(splits: Mapping[str, Dataset], fills: Mapping[str, Callable], settings, process: Waiting,
+                         fallback: Callable[[str], None] | None) -> dict:
+    """The memory cache under torchrun: each node's first process decodes each split into a
+    file of this job's in shared memory (``/dev/shm``; ``--cache_dir`` when that is missing or
+    has no room), the node's other processes map it, and once all have mapped it the file is
+    removed (the mappings stay valid), so nothing is left behind."""
+    import random
+
+    from data.cache import SHARED_MEMORY, stored_split
+
+    token = int(process.all_reduce([float(random.getrandbits(48)) if process.rank == 0 else 0.0])[0])
+    job = f"job{token:012x}-node{process.rank - process.local_rank}"
+    roots = [SHARED_MEMORY / "transferability-images"] if SHARED_MEMORY.is_dir() else []
+    roots.append(Path(settings.cache_dir))
+    places = {name: [stored_split(root, data, name, settings, job) for root in roots] for name, data in splits.items()}
+
+    def follow() -> dict:
+        return {name: next((c for c in (entry.open(check=False) for entry in entries) if c is not None), None)
+                for name, entries in places.items()}
+
+    try:
+        return node_caches(lambda: {name: open_or_build(entries, fills[name], fallback)
+                                    for name, entries in places.items()},
+                           follow, process, [lambda p: p.local_rank == 0])
+    finally:
+        settle(None, process)  # every process of the node has mapped the files
+        if process.local_rank == 0:
+            for entry in (entry for entries in places.values() for entry in entries):
+                entry.remove()
+
+
+def cache_splits(splits: Mapping[str, Dataset], plan: CachePlan, settings, process, show: bool,
+                 stop_requested: Callable[[], bool], announce: Callable[[str], None], per_sample: bool) -> dict:
+    """Each split read once into the cache ``plan`` chose (split name -> ImageCache), or {}
+    when one of them cannot be cached (or the plan is off). Every process of the job calls
+    it: in memory, each process alone (one process) or one per node (:func:`shared_memory_caches`);
+    on disk, the job's first process opens or writes the files, then the first process of
+    each other node (which finds them there when --cache_dir is shared), then the rest map them."""
+    from data.cache import processes_on_node
+
+    if plan.kind == "off":
+        return {}
     tick = time.perf_counter()
-    caches = [fill_cache(data, workers, f"  caching {name} images", show, stop_requested)
-              for name, data in splits.items()]
-    if any(cache is None for cache in caches):
+    workers = settings.workers * (processes_on_node() if process.distributed else 1)  # the node's others wait
+    fills = {name: functools.partial(fill_cache, data, workers, f"  caching {name} images", show, stop_requested)
+             for name, data in splits.items()}
+    fallback = announce if settings.cache == "auto" else None
+    if plan.kind == "memory" and not process.distributed:
+        caches = {name: fill() for name, fill in fills.items()}
+    elif plan.kind == "memory":
+        caches = shared_memory_caches(splits, fills, settings, Waiting.of(process), fallback)
+    else:
+        first_of_job, first_of_other_nodes = (lambda p: p.rank == 0), (lambda p: p.local_rank == 0 and p.rank != 0)
+        caches = node_caches(lambda: {name: open_or_build([entry], fills[name], fallback)
+                                      for name, entry in plan.stored.items()},
+                             lambda: {name: entry.open(check=False) for name, entry in plan.stored.items()},
+                             Waiting.of(process), [first_of_job, first_of_other_nodes])
+    if any(cache is None for cache in caches.values()):
         return {}
     held = " and ".join(f"{len(data)} {name}" for name, data in splits.items())
-    announce(f"holding the {held} images in memory ({sum(c.nbytes for c in caches) / 2**20:.0f} MiB, "
-             f"read in {time.perf_counter() - tick:.1f} s; --cache off reads the files every epoch"
+    where = f"in {settings.cache_dir} (memory-mapped)" if plan.kind == "disk" else "in memory"
+    announce(f"holding the {held} images {where} ({sum(c.nbytes for c in caches.values()) / 2**20:.0f} MiB, "
+             f"ready in {time.perf_counter() - tick:.1f} s; --cache off reads the files every epoch"
              + ("; --augment pil reads and augments the training images at every step)" if per_sample else ")"))
-    return dict(zip(splits, caches))
+    return caches
 
 
 def place_caches(caches: dict, device: torch.device, announce: Callable[[str], None]) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from data.cache import CACHE_MODES, DEFAULT_CACHE_DIR
 from engine.runs import TrainJob
 from utils import add_device_flag
 
@@ -37,10 +38,17 @@ def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -
     parser.add_argument("--workers", type=int,
                         help="data-loading processes per training process (default: 0 when training on "
                         "the CPU, whose cores the model already uses; min(8, CPU cores / GPUs) on GPUs)")
-    parser.add_argument("--cache", choices=["auto", "on", "off"], default="auto",
-                        help="hold the decoded, resized images in memory after reading them once (default: "
-                        "auto, when both splits take at most a quarter of the available memory; same results; "
-                        "with --augment pil only the validation images)")
+    parser.add_argument("--cache", choices=CACHE_MODES, default="auto",
+                        help="hold the decoded, resized images after reading them once: on, in memory (under "
+                        "torchrun once per node, in shared memory); disk, in a memory-mapped file under "
+                        "--cache_dir, written once and reused by later runs until a source file changes; auto "
+                        "(default): memory when both splits take at most a quarter of the available memory, else "
+                        "disk when it is already written or takes at most half of --cache_dir's free space, "
+                        "else off (the files read every epoch). Same results either "
+                        "way; with --augment pil only the validation images are cached")
+    parser.add_argument("--cache_dir", metavar="DIR", default=DEFAULT_CACHE_DIR,
+                        help="where --cache disk (and auto, when memory is short) keeps the decoded images, "
+                        "one folder per data set and split (default: %(default)s)")
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
                         help="mixed precision (default: off: fp32 weights and activations; see --tf32)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,

@@ -315,18 +315,17 @@ def evaluate(model: nn.Module, loader, process: ProcessInfo, channels_last: bool
 def build_loaders(train_set: Dataset, val_set: Dataset, samplers: tuple[EpochSampler, EpochSampler],
                   settings: TrainSettings, process: ProcessInfo, stop: StopRequests,
                   announce: Callable[[str], None]) -> tuple:
-    """The training and validation batches: cut out of the decoded images in memory when
-    ``settings.cache`` allows on every process (:mod:`data.cache`), else read by
-    DataLoaders. A training set augmented per sample (--augment pil) is never cached: its
-    images differ at every step. Raises :class:`data.loading.Interrupted` on a stop request
-    while caching."""
+    """The training and validation batches: cut out of the decoded images, in memory or in
+    a memory-mapped file, when ``settings.cache`` allows on every node (:mod:`data.cache`;
+    one process per node decodes), else read by DataLoaders. A training set augmented per
+    sample (--augment pil) is never cached: its images differ at every step. Raises
+    :class:`data.loading.Interrupted` on a stop request while caching."""
     per_sample = isinstance(train_set, SeededSamples)
     splits = {"validation": val_set} if per_sample else {"training": train_set, "validation": val_set}
-    cached = {}
-    if process.all_reduce([float(cache_wanted(splits, settings.cache, announce))], op=dist.ReduceOp.MIN)[0]:
-        cached = cache_splits(splits, settings.workers, shows_progress(settings, process), stop.requested, announce,
-                              per_sample)
-        cached = place_caches(cached, process.device, announce)
+    plan = cache_wanted(splits, settings, process, announce)
+    cached = cache_splits(splits, plan, settings, process, shows_progress(settings, process), stop.requested,
+                          announce, per_sample)
+    cached = place_caches(cached, process.device, announce)
     generator = torch.Generator().manual_seed(settings.seed)  # shared: the workers' seeds come from it
     return tuple(
         make_loader(data, sampler, cached.get(name), batch_size=settings.batch_size, workers=settings.workers,

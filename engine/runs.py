@@ -55,6 +55,7 @@ class TrainJob:
     device: str = "auto"
     workers: int | None = None  # None: data.loading.default_workers
     cache: str = "auto"
+    cache_dir: str = ".cache/images"  # data.cache.DEFAULT_CACHE_DIR
     amp: str = "off"
     tf32: bool = True  # TF32 convolutions and matmuls on GPUs (the seed's PyTorch 1.8 default)
     channels_last: bool = True
@@ -77,6 +78,7 @@ def train_settings(job: TrainJob, device, *, schedule: str, label: str, outputs:
         norm_weight_decay=job.norm_weight_decay, momentum=job.momentum, schedule=schedule, step_size=job.lr_step,
         seed=job.seed, workers=job.workers if job.workers is not None else default_workers(device),
         amp=job.amp, channels_last=job.channels_last, compile=job.compile, sync_bn=job.sync_bn, cache=job.cache,
+        cache_dir=str(job.cache_dir), dataset=job.dataset, data_dir=None if job.data_dir is None else str(job.data_dir),
         label=label, progress=job.progress, skip_corrupt=job.skip_corrupt, args=recorded,
         check_every=GPU_CHECK_EVERY if device.type == "cuda" else 1,
     )

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data.cache import DEFAULT_CACHE_DIR
+
 
 @dataclass
 class TrainSettings:
@@ -23,7 +25,10 @@ class TrainSettings:
     channels_last: bool = True
     compile: bool = False
     sync_bn: bool = False
-    cache: str = "auto"  # decoded images in memory: "auto", "on", "off" (data.cache)
+    cache: str = "auto"  # decoded images in memory or on disk: "auto", "on", "off", "disk" (data.cache)
+    cache_dir: str = DEFAULT_CACHE_DIR  # where --cache disk (and auto, when memory is short) writes them
+    dataset: str = ""  # the --dataset and --data_dir the images come from: part of the disk cache's key
+    data_dir: str | None = None
     label: str = "train"
     progress: bool = True  # progress bars on the main process
     check_every: int = 1  # steps between reads of the loss and stop/divergence checks (engine.loop)

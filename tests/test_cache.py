@@ -128,13 +128,15 @@ def test_corrupt_images_are_named_or_skipped_alike(pretrained, tmp_path, capsys,
         assert [entry["val_acc"] for entry in logs[cache]] == [entry["val_acc"] for entry in logs["on"]]
 
 
-def test_auto_reads_the_files_when_memory_is_short(pretrained, tmp_path, capsys, monkeypatch):
+def test_auto_uses_the_disk_cache_when_memory_is_short(pretrained, tmp_path, capsys, monkeypatch):
     import data.cache
 
     _, a = pretrained
     monkeypatch.setattr(data.cache, "available_memory", lambda: 1000)
-    assert run_cli(finetune.main, finetune_argv(a, tmp_path / "b.pth", epochs=1)) == 0
-    assert "images in memory" not in capsys.readouterr().out
+    cache_dir = tmp_path / "images"
+    assert run_cli(finetune.main, finetune_argv(a, tmp_path / "b.pth", "--cache_dir", str(cache_dir), epochs=1)) == 0
+    out = capsys.readouterr().out
+    assert "images in memory" not in out and f"in {cache_dir} (memory-mapped)" in out
     monkeypatch.setattr(data.cache, "available_memory", lambda: 2**34)
     assert run_cli(finetune.main, finetune_argv(a, tmp_path / "c.pth", epochs=1)) == 0
     assert "images in memory" in capsys.readouterr().out
