@@ -10,7 +10,6 @@ ln T = a G + b D + c ln N + d; ``figure`` draws layer-wise curves as a grid of p
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -19,7 +18,17 @@ import sys
 from pathlib import Path
 
 from plotting import layerwise_grid_bytes
-from utils import Outputs, UserError, add_device_flag, add_output_flags, run_cli
+from utils import (
+    OneLineArgumentParser,
+    Outputs,
+    UserError,
+    add_device_flag,
+    add_output_flags,
+    int_at_least,
+    non_negative_int,
+    positive_int,
+    run_cli,
+)
 
 STATS_COLUMNS = ("dataset", "N", "G", "D", "T", "feature_dim", "samples", "features")
 
@@ -28,6 +37,8 @@ STATS_COLUMNS = ("dataset", "N", "G", "D", "T", "feature_dim", "samples", "featu
 
 
 def add_stats_parser(subparsers) -> None:
+    from metrics.dataset_stats import GAP_MIN_SAMPLES
+
     parser = subparsers.add_parser("stats", help="N, G and D of downstream datasets (the paper's Section 3 table)")
     parser.add_argument("--dataset", nargs="+", required=True, metavar="NAME", help="one or more downstream datasets")
     parser.add_argument("--data_dir", help="folder of the downstream dataset(s) (layouts: docs/datasets.md)")
@@ -36,16 +47,17 @@ def add_stats_parser(subparsers) -> None:
     parser.add_argument("--source_dir", help="folder of the pre-training dataset")
     parser.add_argument("--features", choices=["penultimate", "pixels"], default="penultimate",
                         help="feature space: theta_A's penultimate layer (default) or pooled pixels (no model)")
-    parser.add_argument("--pixel_size", type=int, default=8, help="pixels: pool images to N x N (default: 8)")
-    parser.add_argument("--max_samples", type=int, default=2000,
+    parser.add_argument("--pixel_size", type=positive_int, default=8, help="pixels: pool images to N x N (default: 8)")
+    at_least_gap_samples = int_at_least(GAP_MIN_SAMPLES, f"G compares at least {GAP_MIN_SAMPLES} images of each side")
+    parser.add_argument("--max_samples", type=at_least_gap_samples, default=2000,
                         help="images per dataset used for G and D (a seeded subset; default: %(default)s)")
-    parser.add_argument("--img_size", type=int,
+    parser.add_argument("--img_size", type=int_at_least(2),
                         help="input size (default: the model's for a ViT (224), else the dataset's)")
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--batch_size", type=positive_int, default=256)
     add_device_flag(parser)
     parser.add_argument("--cache_dir", default=".cache/features",
                         help="features are cached here per (checkpoint, dataset, split) (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--transferability", nargs="+", metavar="RESULT.json",
                         help="cal_transferability.py --json files: fills the T column with the overall value "
                         "of the result whose label is the dataset's name (use --labels there)")
@@ -94,7 +106,7 @@ def run_stats(args) -> int:
         stats = dataset_statistics(
             target, source, extractor, max_samples=args.max_samples, cache_dir=args.cache_dir,
             target_key=f"{name}@{args.data_dir}", source_key=f"{args.source}@{args.source_dir}",
-            device=device, seed=args.seed)
+            device=device, seed=args.seed, batch_size=args.batch_size)
         rows.append({"dataset": name, **{k: stats[k] for k in ("N", "G", "D")}, "T": overall.get(name),
                      "feature_dim": stats["feature_dim"], "samples": stats["samples"], "features": args.features})
         print(f"{name:<28} N {stats['N']:>9,}  G {stats['G']:.4g}  D {stats['D']:.4g}  "
@@ -150,7 +162,7 @@ def add_figure_parser(subparsers) -> None:
                         help="files written by cal_transferability.py --json")
     parser.add_argument("--out", default="Figs/layerwise_transferability.png",
                         help="the figure (default: %(default)s)")
-    parser.add_argument("--columns", type=int, default=6, help="panels per row (default: %(default)s)")
+    parser.add_argument("--columns", type=positive_int, default=6, help="panels per row (default: %(default)s)")
     parser.set_defaults(run=run_figure)
 
 
@@ -195,8 +207,6 @@ def read_results(path: str) -> list[tuple[str, list[float]]]:
 
 def run_figure(args) -> int:
     outputs = Outputs({"--out": args.out}, figures=("--out",))
-    if args.columns < 1:
-        raise UserError(f"--columns {args.columns}: must be at least 1")
     panels = [panel for path in args.results for panel in read_results(path)]
     outputs.add("--out", layerwise_grid_bytes(panels, outputs.image_format("--out"), columns=args.columns))
     outputs.commit(announce=lambda path: print(f"wrote {path} ({len(panels)} panels)"))
@@ -204,7 +214,7 @@ def run_figure(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_stats_parser(subparsers)
     add_regress_parser(subparsers)

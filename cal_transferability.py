@@ -25,6 +25,7 @@ from metrics import COS_INIT_WARNING, NonFiniteTensorError, Transferability, Tra
 from models import ARCHITECTURES, GENERIC, build_model, layer_groups, num_classes_of, resolve_arch
 from plotting import layerwise_figure_bytes
 from utils import (
+    OneLineArgumentParser,
     Outputs,
     UserError,
     add_device_flag,
@@ -42,7 +43,7 @@ RANDOM_PREFIX = "random:"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         description="Layer-wise transferability T = D(theta_r, theta_FB) / D(theta_A, theta_FB) "
         "of pre-trained weights theta_A on downstream tasks (D: mean absolute weight difference).",
         epilog="With no -r/-a/-b it runs on the demo checkpoints shipped in ckpt/.",
@@ -79,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UserError(f"{flag} is required (give -r, -a and -b together, or none for the demo)")
     if args.labels is not None and len(args.labels) != len(args.finetuned):
         raise UserError(f"--labels: got {len(args.labels)} labels for {len(args.finetuned)} -b files; give one each")
+    if args.random_init.startswith(RANDOM_PREFIX):
+        random_seed(args.random_init)  # refused before any checkpoint is read
     return args
 
 
@@ -104,12 +107,19 @@ def _check_same_tensors(path: str, state_dict: Mapping[str, torch.Tensor], refer
             raise UserError(f"{path}: tensor {key} is {state_dict[key].dtype}, not a floating-point weight")
 
 
-def _random_init(spec: str, arch: str, theta_a: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    seed_text = spec[len(RANDOM_PREFIX):]
+def random_seed(spec: str) -> int:
+    """The SEED of ``-r random:SEED``: an integer that ``torch.manual_seed`` takes."""
     try:
-        seed = int(seed_text)
+        seed = int(spec[len(RANDOM_PREFIX):])
     except ValueError:
         raise UserError(f"-r {spec}: the seed must be an integer, as in -r random:0") from None
+    if not -2**63 <= seed < 2**64:
+        raise UserError(f"-r {spec}: the seed must be an integer from -2**63 to 2**64 - 1, as in -r random:0")
+    return seed
+
+
+def _random_init(spec: str, arch: str, theta_a: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seed = random_seed(spec)
     if arch == GENERIC:
         raise UserError(f"-r {spec}: drawing an initialisation needs a known --arch, not {GENERIC}")
     warnings.warn(f"-r {spec} draws a fresh initialisation of {arch}; the paper measures against the "

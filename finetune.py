@@ -16,18 +16,18 @@ import sys
 
 import engine
 from models import ARCHITECTURES
-from utils import run_cli
+from utils import OneLineArgumentParser, int_at_least, run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Fine-tune theta_A -> theta_FB (SGD, cosine schedule).")
+    parser = OneLineArgumentParser(description="Fine-tune theta_A -> theta_FB (SGD, cosine schedule).")
     parser.add_argument("--dataset", required=True, help="a dataset of the registry (docs/datasets.md), e.g. CIFAR-10")
     parser.add_argument("--data_dir", help="the dataset's folder (layouts: docs/datasets.md)")
     parser.add_argument("-a", "--pretrained", help="theta_A, the pre-trained weights to start from")
     parser.add_argument("-b", "--finetuned", required=True, help="where theta_FB, the best-validation weights, goes")
     parser.add_argument("--from_scratch", metavar="R.pth", help="start from this theta_r instead of -a")
     parser.add_argument("--arch", choices=list(ARCHITECTURES), help="(default: inferred from -a)")
-    parser.add_argument("--img_size", type=int, help="input size (default: 224 for the ViTs, which take no other; else the dataset's: 32 for CIFAR, else 224)")
+    parser.add_argument("--img_size", type=int_at_least(8), help="input size (default: 224 for the ViTs, which take no other; else the dataset's: 32 for CIFAR, else 224)")
     engine.add_training_arguments(parser, epochs=100, batch_size=128, lr=0.01)
     args = parser.parse_args(argv)
     if (args.pretrained is None) == (args.from_scratch is None):

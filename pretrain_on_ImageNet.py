@@ -14,21 +14,21 @@ import sys
 
 import engine
 from models import ARCHITECTURES
-from utils import run_cli
+from utils import OneLineArgumentParser, int_at_least, run_cli, positive_int
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Pre-train theta_r -> theta_A (SGD, step schedule).")
+    parser = OneLineArgumentParser(description="Pre-train theta_r -> theta_A (SGD, step schedule).")
     parser.add_argument("--arch", default="resnet50", choices=list(ARCHITECTURES), help="(default: %(default)s)")
     parser.add_argument("--dataset", default="imagenet",
                         help="imagenet (default), or synthetic[:OPTIONS] for the embedded source task")
     parser.add_argument("--data_dir", help="the dataset's folder (layouts: docs/datasets.md)")
-    parser.add_argument("--img_size", type=int, help="input size (default: 224 for the ViTs, which take no other; else the dataset's, 224 for ImageNet)")
+    parser.add_argument("--img_size", type=int_at_least(8), help="input size (default: 224 for the ViTs, which take no other; else the dataset's, 224 for ImageNet)")
     parser.add_argument("-r", "--random_init", default="random_init_model.pth",
                         help="where theta_r goes (default: %(default)s)")
     parser.add_argument("-a", "--pretrained", default="ImageNet_model.pth",
                         help="where theta_A, the best-validation weights, goes (default: %(default)s)")
-    parser.add_argument("--lr_step", type=int, default=40, help="divide the lr by 10 every N epochs (default: 40)")
+    parser.add_argument("--lr_step", type=positive_int, default=40, help="divide the lr by 10 every N epochs (default: 40)")
     engine.add_training_arguments(parser, epochs=120, batch_size=256, lr=0.1)
     args = parser.parse_args(argv)
     if args.dataset.partition(":")[0].strip().lower() == "synthetic":

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils import UserError, add_device_flag, run_cli, write_atomically
+from utils import OneLineArgumentParser, UserError, add_device_flag, positive_int, run_cli, write_atomically
 
 ARCH = "resnet20"
 
@@ -486,12 +486,12 @@ def group_runs(runs: list[dict]) -> dict[str, list[dict]]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="The paper's study end to end on the synthetic benchmark.")
+    parser = OneLineArgumentParser(description="The paper's study end to end on the synthetic benchmark.")
     parser.add_argument("--out", default="runs/study", help="where everything goes (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="the quick preset: under 10 minutes on a 2-core CPU")
     parser.add_argument("--preset", choices=list(PRESETS),
                         help=f"{DEFAULT_PRESET} (default: the paper's regime), quick, or tiny (seconds; for tests)")
-    parser.add_argument("--seeds", type=int, help="number of seeds per target (default: the preset's)")
+    parser.add_argument("--seeds", type=positive_int, help="number of seeds per target (default: the preset's)")
     add_device_flag(parser)
     args = parser.parse_args(argv)
     if args.quick and args.preset not in (None, "quick"):
@@ -563,8 +563,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     study = PRESETS[args.preset]
     if args.seeds is not None:
-        if args.seeds < 1:
-            raise UserError(f"--seeds {args.seeds}: must be at least 1")
         study = replace(study, seeds=tuple(range(1, args.seeds + 1)))
     figures = {"regression": "regression.png", "layerwise": "layerwise_transferability.png"}
     files = ("study_table.csv", "study.json", *figures.values(), "report.md")

@@ -7,6 +7,10 @@ never leaves a half-written output behind.
 """
 from __future__ import annotations
 
+import _compat_pickle
+import argparse
+import contextlib
+import math
 import os
 import pickle
 import re
@@ -81,13 +85,14 @@ def _torch_load(path: Path) -> object:
                 warnings.simplefilter("ignore")
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as err:
-            reason = _unpickler_reason(err)
-            if "global" in reason.lower():  # an object the restricted unpickler will not build
+            code = _refused_code(str(err))
+            if code is not None:  # an object the restricted unpickler will not import or build
                 raise UserError(
-                    f"{path}: refused to load: it needs unsafe unpickling ({reason}); "
-                    "save a state dict instead (torch.save(model.state_dict(), PATH))"
+                    f"{path}: refused: loading it would run code from {code} (unsafe unpickling); only "
+                    "plain tensors are read. If you trust the file, load it with torch.load(weights_only=False) "
+                    "and re-save its state dict (torch.save(model.state_dict(), PATH))"
                 ) from None
-            raise UserError(f"{path}: not a PyTorch checkpoint ({reason})") from None
+            raise UserError(f"{path}: not a PyTorch checkpoint ({_unpickler_reason(str(err))})") from None
         except MemoryError:
             raise
         except Exception as err:  # noqa: BLE001
@@ -99,12 +104,36 @@ def _torch_load(path: Path) -> object:
     raise AssertionError("unreachable")
 
 
-def _unpickler_reason(err: pickle.UnpicklingError) -> str:
-    """What torch's long weights-only message says was refused, in one short sentence."""
-    match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))
+# How torch's weights-only unpickler names a global it refuses to import: one it does not
+# allow, or one of a blocked module (os, posix, subprocess, sys...).
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)")
+# The lines torch wraps around the unpickler's own message.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _refused_code(message: str) -> str | None:
+    """The function or class a refused checkpoint would have imported, in its Python 3
+    name (``os.system``, ``builtins.exec``, ``subprocess.Popen``); None for other failures."""
+    match = _REFUSED_GLOBAL.search(message)
     if not match:
-        return _first_line(err)
-    return match.group(1).split(". ")[0].strip()[:160]
+        return None
+    module, _, name = match.group(1).rpartition(".")
+    if not module:  # torch strips "builtins."
+        return f"builtins.{name}"
+    # pickle protocol 2 writes Python 2 names (subprocess.Popen as commands.Popen)
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{'os' if module in ('posix', 'nt') else module}.{name}"  # os.system pickles as posix.system
+
+
+def _unpickler_reason(message: str) -> str:
+    """What torch's long weights-only message says went wrong, without its boilerplate."""
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
+    if match:
+        return match.group(1).split(". ")[0].strip()[:160]
+    lines = [line.strip() for line in message.splitlines()]
+    reasons = [line for line in lines if line and not line.startswith(_TORCH_BOILERPLATE)]
+    return (reasons or lines or ["unreadable"])[0][:160]
 
 
 def _first_line(err: BaseException) -> str:
@@ -187,7 +216,11 @@ def load_state_dict_safely(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def check_writable(path: str | os.PathLike, flag: str) -> Path:
-    """Fail early (before any work) when ``path`` could not be written later."""
+    """Fail early (before any work) when ``path`` could not be written later.
+
+    The nearest existing folder is probed by writing one byte to a temporary file in it (then
+    removed): ``os.access`` says yes to root for /proc, /sys and read-only mounts, and a full
+    disk still takes an empty file."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a directory; give a file name")
@@ -196,9 +229,29 @@ def check_writable(path: str | os.PathLike, flag: str) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"{flag} {path}: {parent} is not a directory; choose another path")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if path.exists() and not os.access(path, os.W_OK):
         raise UserError(f"{flag} {path}: not writable (permission denied); choose another path")
+    failure = _probe_folder(parent)
+    if failure is not None:
+        raise UserError(f"{flag} {path}: cannot write files in {parent} ({_os_reason(failure)}); choose another path")
     return path
+
+
+def _probe_folder(folder: Path) -> OSError | None:
+    """Why a file cannot be written in ``folder`` (None: it can), found by writing one byte
+    to a temporary file there, which is removed whatever happens."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
+    except OSError as err:
+        return err
+    try:
+        os.write(fd, b"\0")
+    except OSError as err:
+        return err
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+    return None
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -206,13 +259,18 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
     write_atomically(Path(path), lambda handle: torch.save(dict(state_dict), handle))
 
 
-def commit_outputs(writers: Iterable[tuple[Path, Callable[[object], None], str]]) -> None:
+def commit_outputs(writers: Iterable[tuple[Path, Callable[[object], None], str]],
+                   flags: Mapping[Path, str] | None = None) -> None:
     """Write several outputs so that either all of them appear or none changes.
 
     Each item is ``(path, write(handle), mode)``. All are written to temporary files first;
-    only when every one succeeded are they moved into place.
+    only when every one succeeded are they moved into place. An ``OSError`` on the way (a
+    full disk, a read-only mount) is a :class:`UserError` naming the path, after its flag
+    where ``flags`` maps the path to one, and the reason.
     """
     staged: list[tuple[str, Path]] = []
+    written: list[Path] = []
+    path = None
     try:
         for path, write, mode in writers:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,10 +285,46 @@ def commit_outputs(writers: Iterable[tuple[Path, Callable[[object], None], str]]
                 os.fsync(handle.fileno())
         for tmp, path in staged:
             os.replace(tmp, path)
+            written.append(path)
+    except Exception as err:  # noqa: BLE001
+        cause = _os_error_in(err)
+        if cause is None or path is None:
+            raise
+        raise _write_error(path, cause, flags or {}, written, [tmp for tmp, _ in staged]) from None
     finally:
         for tmp, _ in staged:
-            if os.path.exists(tmp):
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _write_error(path: Path, cause: OSError, flags: Mapping[Path, str], written: list[Path],
+                 temporary: list[str]) -> UserError:
+    """``--json out.json: cannot write (No space left on device); nothing was written``."""
+    where = f"{flags[path]} {path}" if path in flags else str(path)
+    reason = _os_reason(cause)
+    if cause.filename is not None and os.fspath(cause.filename) not in (*temporary, str(path)):
+        reason += f": {os.fsdecode(cause.filename)}"  # e.g. the folder that could not be made
+    if not written:
+        return UserError(f"{where}: cannot write ({reason}); nothing was written")
+    names = ", ".join(map(str, written))
+    return UserError(f"{where}: cannot write ({reason}); {names} {'was' if len(written) == 1 else 'were'} written")
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """``err`` if it is an ``OSError``, else the one it was raised from (torch.save may wrap
+    a failed write), else None. A :class:`UserError` is never one."""
+    seen = 0
+    while err is not None and not isinstance(err, UserError) and seen < 8:
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        seen += 1
+    return None
+
+
+def _os_reason(err: OSError) -> str:
+    """``No space left on device``: the system's words for an ``OSError``."""
+    return os.strerror(err.errno) if err.errno else _first_line(err)
 
 
 def _umask() -> int:
@@ -245,6 +339,54 @@ def write_atomically(path: Path, write: Callable[[object], None], mode: str = "w
 
 
 # ------------------------------------------------------------ flags and outputs of scripts
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are user errors like any other: one line
+    (``prog: error: --flag VALUE: what is wrong``, no usage), exit status 2 through
+    :func:`run_cli`. Its subparsers are of this class too."""
+
+    def error(self, message: str):
+        raise UserError(re.sub(r"^argument (\S+): ", r"\1 ", message))
+
+
+def int_at_least(minimum: int, why: str = "") -> Callable[[str], int]:
+    """An argparse ``type=``: a whole number of at least ``minimum``; ``why`` follows the
+    refusal (``--max_samples 3: must be at least 4 (why)``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text}: must be at least {minimum}{f' ({why})' if why else ''}")
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def float_in(low: float, high: float = math.inf, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse ``type=``: a number in ``[low, high]`` (``(low, high]`` with ``above``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: not a number") from None
+        if not (value > low if above else value >= low) or not value <= high or math.isnan(value):
+            bound = f"above {low:g}" if above else f"at least {low:g}"
+            raise argparse.ArgumentTypeError(f"{text}: must be {bound}" + (f" and at most {high:g}" if high < math.inf else ""))
+        return value
+
+    parse.__name__ = f"float_in_{low:g}_{high:g}"
+    return parse
+
 
 
 def add_device_flag(parser, default: str = "auto") -> None:
@@ -279,9 +421,10 @@ class Outputs:
     def __init__(self, paths: Mapping[str, str | os.PathLike | None], figures: Iterable[str] = ("--fig",),
                  flag: str | None = None) -> None:
         self.paths = {key: check_writable(path, flag or key) for key, path in paths.items() if path is not None}
-        for flag in figures:
-            if flag in self.paths and self.image_format(flag) is None:
-                raise UserError(f"{flag} {self.paths[flag]}: unknown image format; end the name in .png, .pdf or .svg")
+        self._flags = {path: flag or key for key, path in self.paths.items()}  # what errors name
+        for figure in figures:
+            if figure in self.paths and self.image_format(figure) is None:
+                raise UserError(f"{figure} {self.paths[figure]}: unknown image format; end the name in .png, .pdf or .svg")
         self._writers: list[tuple[Path, Callable[[object], None], str]] = []
 
     @classmethod
@@ -308,7 +451,7 @@ class Outputs:
 
     def commit(self, announce: Callable[[Path], None] | None = None) -> None:
         """Write every staged file, then ``announce`` each (default: ``wrote PATH`` on stderr)."""
-        commit_outputs(self._writers)
+        commit_outputs(self._writers, self._flags)
         for path, _, _ in self._writers:
             (announce or (lambda p: print(f"wrote {p}", file=sys.stderr)))(path)
         self._writers = []

@@ -39,6 +39,7 @@ import numpy as np
 import psutil
 import torch
 
+from data.image_io import DECODING_VERSION
 from utils import UserError
 
 CACHE_MODES = ("auto", "on", "off", "disk")
@@ -285,7 +286,8 @@ class StoredImages:
 
     @cached_property
     def key(self) -> str:
-        return _digest({"format": DISK_FORMAT, "identity": self.identity, "source files": self._fingerprint()})
+        return _digest({"format": DISK_FORMAT, "decoding": DECODING_VERSION, "identity": self.identity,
+                        "source files": self._fingerprint()})
 
     def manifest(self) -> dict | None:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from PIL import Image
 
 from utils import UserError
@@ -15,6 +16,14 @@ from utils import UserError
 # Extensions a class folder's images may have (compared case-insensitively); other files
 # (README, .DS_Store, Thumbs.db, list files) are ignored.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+# The nominal value range of each greyscale mode of more than 8 bits, which PIL's own
+# convert("RGB") would clip (I;16, I: everything above 255 white) or truncate (F: [0, 1]
+# black); :func:`_wide_grey_to_rgb` scales them instead (docs/datasets.md).
+# The version of how files become RGB uint8 pixels, part of every cache key built on decoded
+# images (2: 16-bit greyscale and float images scaled by their range instead of clipped).
+DECODING_VERSION = 2
+SIXTEEN_BIT_RANGE = (0.0, 65535.0)
+FLOAT_RANGE = (0.0, 1.0)
 
 
 class CorruptImageError(UserError):
@@ -31,9 +40,10 @@ def is_image_file(name: str) -> bool:
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open, fully decode and convert one image to RGB (grayscale, palette, RGBA, CMYK and
-    16-bit images included). Raises :class:`CorruptImageError` naming the file when it is
-    missing, unreadable, not an image, or truncated."""
+    """Open, fully decode and convert one image to RGB (grayscale, palette, RGBA, CMYK,
+    16-bit, 32-bit integer and floating-point images included: :func:`_wide_grey_to_rgb`).
+    Raises :class:`CorruptImageError` naming the file when it is missing, unreadable, not an
+    image, or truncated."""
     try:
         image = Image.open(path)
     except FileNotFoundError:
@@ -48,14 +58,37 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise CorruptImageError(path, f"cannot be read ({_first_line(err)})") from None
     try:
         with image:
+            if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+                return _wide_grey_to_rgb(image, path)
             return image.convert("RGB")  # decodes every pixel: truncated data fails here
-    except MemoryError:
+    except (MemoryError, CorruptImageError):
         raise
     except Exception as err:  # noqa: BLE001
         # PIL's decoders fail on damaged data with many exception types (OSError,
         # SyntaxError, ValueError, struct.error, IndexError, DecompressionBombError...):
         # all of them mean this file is not a usable image.
         raise CorruptImageError(path, f"corrupt or truncated image ({_first_line(err)})") from None
+
+
+def _wide_grey_to_rgb(image: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """A 16-bit (I;16*), 32-bit integer (I) or floating-point (F) greyscale image as 8-bit RGB.
+
+    Values within the mode's nominal range (0..65535 for I;16* and I, 0..1 for F) are
+    scaled by that range (16-bit: value / 257, float: value * 255, rounded), so brightness
+    means the same in every image; an image with values outside it is stretched from its
+    own minimum to its maximum (a constant one is clipped to the range). NaN or infinite
+    values are refused.
+    """
+    values = np.asarray(image, dtype=np.float64)  # decodes every pixel: truncated data fails here
+    if not np.isfinite(values).all():
+        raise CorruptImageError(path, f"mode {image.mode} image holds NaN or infinite values")
+    low, high = FLOAT_RANGE if image.mode == "F" else SIXTEEN_BIT_RANGE
+    if values.size:
+        smallest, largest = float(values.min()), float(values.max())
+        if (smallest < low or largest > high) and largest > smallest:
+            low, high = smallest, largest
+    scaled = np.rint((np.clip(values, low, high) - low) * (255.0 / (high - low)))
+    return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
 
 
 def _first_line(err: BaseException) -> str:

@@ -6,23 +6,23 @@ from dataclasses import fields
 
 from data.cache import CACHE_MODES, DEFAULT_CACHE_DIR
 from engine.runs import TrainJob
-from utils import add_device_flag
+from utils import add_device_flag, float_in, non_negative_int, positive_int
 
 
 def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -> None:
     """The flags both scripts share, with each script's defaults."""
-    parser.add_argument("--max_epoch", type=int, default=epochs, help="epochs (default: %(default)s)")
-    parser.add_argument("--batch_size", type=int, default=batch_size,
+    parser.add_argument("--max_epoch", type=positive_int, default=epochs, help="epochs (default: %(default)s)")
+    parser.add_argument("--batch_size", type=positive_int, default=batch_size,
                         help="images per step and process (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=lr, help="initial learning rate (default: %(default)s)")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
-    parser.add_argument("--weight_decay", type=float, default=1e-4, help="(default: %(default)s)")
-    parser.add_argument("--norm_weight_decay", type=float, metavar="WD",
+    parser.add_argument("--lr", type=float_in(0, above=True), default=lr, help="initial learning rate (default: %(default)s)")
+    parser.add_argument("--momentum", type=float_in(0), default=0.9, help="SGD momentum (default: %(default)s)")
+    parser.add_argument("--weight_decay", type=float_in(0), default=1e-4, help="(default: %(default)s)")
+    parser.add_argument("--norm_weight_decay", type=float_in(0), metavar="WD",
                         help="weight decay of the normalisation layers' scales and shifts (BatchNorm, "
                         "LayerNorm, GroupNorm), as torchvision's reference scripts offer (default: "
                         "--weight_decay, every parameter decayed alike, as the seed does)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and augmentation")
-    parser.add_argument("--color_jitter", type=float, default=0.0, metavar="S",
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seeds initialisation, data order and augmentation")
+    parser.add_argument("--color_jitter", type=float_in(0, 1), default=0.0, metavar="S",
                         help="colour jitter of strength S in [0, 1]: brightness, contrast and saturation "
                         "factors drawn from [1-S, 1+S] (default: 0, none, as the seed's argument-less "
                         "ColorJitter(), which is the identity)")
@@ -35,7 +35,7 @@ def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -
                         "seed's uint8 rounding of each crop. pil reads every training image at every "
                         "epoch: --cache on is refused and auto caches the validation images only")
     add_device_flag(parser)
-    parser.add_argument("--workers", type=int,
+    parser.add_argument("--workers", type=non_negative_int,
                         help="data-loading processes per training process (default: 0 when training on "
                         "the CPU, whose cores the model already uses; min(8, CPU cores / GPUs) on GPUs)")
     parser.add_argument("--cache", choices=CACHE_MODES, default="auto",

@@ -60,6 +60,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm import tqdm
 
+from data.image_io import DECODING_VERSION
 from utils import UserError, load_state_dict_safely, write_atomically
 
 __all__ = [
@@ -599,6 +600,7 @@ def cached_features(cache_dir: str | os.PathLike, extractor: FeatureExtractor, d
     subset = max_samples is not None
     meta = {
         "format": CACHE_FORMAT,
+        "decoding": DECODING_VERSION,
         "extractor": extractor.key,
         "dataset": str(dataset_key),
         "transform": _transform_text(dataset),

@@ -103,6 +103,37 @@ def test_regress_bad_table(tmp_path, capsys):
     expect_error(capsys, ["regress", str(bad), "--no_fig"], "bad.csv")
 
 
+def one_line_error(capsys, main, argv, *needles) -> str:
+    """Exit 2 and exactly one stderr line, ``prog: error: ...``, naming every needle."""
+    assert run_cli(main, [str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and ": error: " in lines[0], err
+    for needle in needles:
+        assert str(needle) in lines[0], lines[0]
+    return lines[0]
+
+
+def test_regress_on_a_full_disk_is_one_line_naming_the_json(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    fit_json = tmp_path / "fit.json"
+    one_line_error(capsys, analyze.main, ["regress", REPO / "data" / "paper_table.csv", "--json", fit_json, "--no_fig"],
+                   f"--json {fit_json}: cannot write (No space left on device); nothing was written")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("path", ["/proc/x.json", "/proc/self/nonexistent_dir/fit.json", "/sys/fit.json"])
+def test_regress_refuses_json_under_proc_or_sys(tmp_path, capsys, path):
+    one_line_error(capsys, analyze.main, ["regress", REPO / "data" / "paper_table.csv", "--json", path, "--no_fig"],
+                   f"--json {path}: cannot write files in ")
+
+
 # ------------------------------------------------------------------------------ stats
 
 
@@ -310,3 +341,52 @@ def test_stats_cache_holds_features_per_input_size(tmp_path):
     assert at_16["G"] == fresh_16["G"] and at_16["D"] == fresh_16["D"]
     assert at_16["G"] != at_32["G"] and at_16["D"] != at_32["D"]
     assert len(list((tmp_path / "shared").iterdir())) == 4  # (target, source) x (32 px, 16 px)
+
+
+# ------------------------------------------- numeric flags: refused at parse time, on one line
+
+
+STATS_FLAGS = ["stats", "--dataset", "synthetic:classes=3,n=10,size=16", "--source",
+               "synthetic:source,classes=4,n=10,size=16", "--features", "pixels", "--device", "cpu"]
+INVALID_STATS_NUMBERS = [  # (flag, value, what the line says after "FLAG VALUE: ")
+    ("--max_samples", "0", "must be at least 4"), ("--max_samples", "1", "must be at least 4"),
+    ("--max_samples", "3", "must be at least 4"), ("--max_samples", "-5", "must be at least 4"),
+    ("--max_samples", "2.5", "not a whole number"), ("--pixel_size", "0", "must be at least 1"),
+    ("--pixel_size", "-1", "must be at least 1"), ("--batch_size", "0", "must be at least 1"),
+    ("--batch_size", "-3", "must be at least 1"), ("--img_size", "0", "must be at least 2"),
+    ("--img_size", "1", "must be at least 2"), ("--img_size", "-3", "must be at least 2"),
+    ("--seed", "-1", "must be at least 0"), ("--seed", "x", "not a whole number"),
+]
+
+
+@pytest.mark.parametrize("flag,value,problem", INVALID_STATS_NUMBERS)
+def test_stats_refuses_invalid_numbers_on_one_line_writing_nothing(tmp_path, capsys, flag, value, problem):
+    work = tmp_path / "work"
+    argv = [*STATS_FLAGS, "--cache_dir", work / "cache", "--json", work / "rows.json", "--csv", work / "rows.csv",
+            flag, value]
+    one_line_error(capsys, analyze.main, argv, f"error: {flag} {value}: {problem}")
+    assert not work.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many"])
+def test_figure_refuses_invalid_columns_on_one_line(tmp_path, capsys, value):
+    write_result(tmp_path / "ok.json", [("A", [1.0, 1.0])])
+    out = tmp_path / "grid.png"
+    one_line_error(capsys, analyze.main, ["figure", tmp_path / "ok.json", "--out", out, "--columns", value],
+                   f"--columns {value}: ")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_reproduce_refuses_invalid_seeds_on_one_line(tmp_path, capsys, value):
+    out = tmp_path / "study"
+    one_line_error(capsys, reproduce.main, ["--preset", "tiny", "--out", out, "--device", "cpu", "--seeds", value],
+                   f"--seeds {value}: ")
+    assert not out.exists()
+
+
+def test_argparse_errors_of_analyze_and_reproduce_are_one_line(tmp_path, capsys):
+    one_line_error(capsys, analyze.main, ["stats", "--features", "pixels"], "--dataset")
+    one_line_error(capsys, analyze.main, ["regress", "t.csv", "--no_such_flag"], "--no_such_flag")
+    one_line_error(capsys, reproduce.main, ["--preset", "huge", "--out", tmp_path / "study"], "--preset", "huge")
+    assert list(tmp_path.iterdir()) == []

@@ -1,12 +1,21 @@
 """Safe checkpoint reading (utils.load_state_dict_safely) and atomic writing (commit_outputs)."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pathlib
 import pickle
+import posix
 import random
+import shlex
+import subprocess
 import sys
+import tempfile
+import time
+import warnings
 import zipfile
+from typing import Callable
 
 import pytest
 import torch
@@ -170,6 +179,120 @@ def test_pickled_whole_module_is_refused(tmp_path):
     assert str(path) in str(info.value)
 
 
+# ------------------------------------------- refused: payloads that would run code, of every kind
+
+
+class Calls:
+    """Unpickling this object calls ``func(*args)``."""
+
+    def __init__(self, func: Callable, *args: object) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+class MainEvil:
+    """A class of the script that saved the file (pickled as ``__main__.MainEvil``, see
+    :func:`class_in_main`); rebuilding it touches ``marker``."""
+
+    def __init__(self, marker: pathlib.Path, fire: bool = False) -> None:
+        self.marker = marker
+        if fire:
+            pathlib.Path(marker).touch()
+
+    def __reduce__(self):
+        return (MainEvil, (self.marker, True))
+
+
+@contextlib.contextmanager
+def class_in_main(cls: type):
+    """While inside, ``cls`` is ``__main__.<name>`` for pickle, as a class of a script is."""
+    main, module = sys.modules["__main__"], cls.__module__
+    cls.__module__ = "__main__"
+    setattr(main, cls.__name__, cls)
+    try:
+        yield
+    finally:
+        cls.__module__ = module
+        delattr(main, cls.__name__)
+
+
+def _touch_code(marker: pathlib.Path) -> str:
+    return f"__import__('pathlib').Path({str(marker)!r}).touch()"
+
+
+def _save_zip_with_data_pkl(path: pathlib.Path, payload: object) -> None:
+    """A zip-format torch file (written by torch.save) whose data.pkl is replaced by ``payload``."""
+    torch.save({"conv1.weight": torch.zeros(2, 2)}, path)
+    with zipfile.ZipFile(path) as source:
+        members = {info.filename: source.read(info) for info in source.infolist()}
+    name = next(n for n in members if n.endswith("/data.pkl"))
+    members[name] = pickle.dumps(payload, protocol=2)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
+        for member, data in members.items():
+            target.writestr(member, data)
+
+
+# name: (write(path, marker), the code the refusal must name). Each payload creates ``marker``
+# when it runs (test_every_unsafe_payload_is_live); none may run when the file is read.
+UNSAFE_FILES = {
+    "os.system": (lambda p, m: torch.save({"state_dict": Calls(os.system, f"touch {shlex.quote(str(m))}")}, p),
+                  "os.system"),
+    "subprocess.Popen": (lambda p, m: torch.save({"state_dict": Calls(subprocess.Popen, ["touch", str(m)])}, p),
+                         "subprocess.Popen"),
+    "builtins.exec": (lambda p, m: torch.save({"state_dict": Calls(exec, _touch_code(m))}, p), "builtins.exec"),
+    "builtins.eval": (lambda p, m: torch.save({"state_dict": Calls(eval, _touch_code(m))}, p), "builtins.eval"),
+    "posix.system": (lambda p, m: torch.save({"model": Calls(posix.system, f"touch {shlex.quote(str(m))}")}, p),
+                     "os.system"),
+    "__main__ class": (lambda p, m: torch.save({"state_dict": MainEvil(m)}, p), "__main__.MainEvil"),
+    "nested in a list": (lambda p, m: torch.save({"state_dict": {"conv1.weight": torch.zeros(2, 2)},
+                                                 "hooks": [1, [Calls(exec, _touch_code(m))]]}, p), "builtins.exec"),
+    "raw pickle protocol 0": (lambda p, m: p.write_bytes(pickle.dumps(Calls(os.system, f"touch {m}"), protocol=0)),
+                              "os.system"),
+    "raw pickle protocol 2": (lambda p, m: p.write_bytes(pickle.dumps(Calls(subprocess.Popen, ["touch", str(m)]),
+                                                                      protocol=2)), "subprocess.Popen"),
+    "zip data.pkl": (lambda p, m: _save_zip_with_data_pkl(p, {"w": Calls(eval, _touch_code(m))}), "builtins.eval"),
+}
+
+
+def write_unsafe_file(directory: pathlib.Path, kind: str) -> tuple[pathlib.Path, pathlib.Path, str]:
+    """``(file, marker, code it would run)`` for one of :data:`UNSAFE_FILES`."""
+    path, marker = directory / "evil.pth", directory / "payload_ran"
+    write, code = UNSAFE_FILES[kind]
+    with class_in_main(MainEvil):
+        write(path, marker)
+    return path, marker, code
+
+
+@pytest.mark.parametrize("kind", sorted(UNSAFE_FILES))
+def test_every_unsafe_payload_is_live(tmp_path, kind):
+    """Control: read without the restriction, each file does run its payload."""
+    path, marker, _ = write_unsafe_file(tmp_path, kind)
+    with class_in_main(MainEvil), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's FutureWarning about weights_only=False
+        if kind.startswith("raw pickle"):
+            pickle.loads(path.read_bytes())
+        else:
+            torch.load(path, weights_only=False)
+    deadline = time.monotonic() + 10  # subprocess.Popen runs touch in the background
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", sorted(UNSAFE_FILES))
+def test_unsafe_payload_is_refused_by_name_before_it_runs(tmp_path, kind):
+    path, marker, code = write_unsafe_file(tmp_path, kind)
+    with pytest.raises(UserError) as info:
+        load_state_dict_safely(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: refused: loading it would run code from {code} (unsafe unpickling)")
+    assert "re-save" in message and "Weights only load failed" not in message and "\n" not in message
+    time.sleep(0.05)
+    assert not marker.exists()
+
+
 # ----------------------------------------------------------------------- refused: not checkpoints
 
 
@@ -329,3 +452,118 @@ def test_check_writable_refuses_a_path_under_a_regular_file(tmp_path, below):
     message = str(info.value)
     assert message.startswith(f"--csv {path}")
     assert "not a directory" in message
+
+
+# -------------------------------------------- writing: a full disk, /proc, /sys, read-only mounts
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_is_a_user_error_naming_the_path_and_nothing_is_written(tmp_path, monkeypatch):
+    existing, fresh = tmp_path / "results.json", tmp_path / "results.csv"
+    existing.write_text("old content\n")
+    monkeypatch.setattr(os, "fsync", _disk_full)
+    with pytest.raises(UserError) as info:
+        commit_outputs([(existing, _writer("new content"), "w"), (fresh, _writer("rows"), "w")])
+    assert str(info.value) == f"{existing}: cannot write (No space left on device); nothing was written"
+    assert existing.read_text() == "old content\n"
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+
+
+def test_a_write_error_names_the_flag_when_the_caller_knows_it(tmp_path, monkeypatch):
+    path = tmp_path / "fit.json"
+    monkeypatch.setattr(os, "fsync", _disk_full)
+    with pytest.raises(UserError) as info:
+        commit_outputs([(path, _writer("{}"), "w")], flags={path: "--json"})
+    assert str(info.value).startswith(f"--json {path}: cannot write (No space left on device)")
+    assert os.listdir(tmp_path) == []
+
+
+class _FullDiskFile:
+    """A file object whose writes fail as on a full disk."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
+
+
+def test_save_state_dict_on_a_full_disk_is_a_user_error(tmp_path, monkeypatch, tiny_resnet20_state):
+    """torch.save's own writes fail (the training loop's -b, .last.pth and log go this way)."""
+    path = tmp_path / "b.pth"
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: _FullDiskFile(real_fdopen(fd, mode)))
+    with pytest.raises(UserError) as info:
+        save_state_dict(tiny_resnet20_state, path)
+    assert str(info.value) == f"{path}: cannot write (No space left on device); nothing was written"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_move_into_place_says_what_was_already_written(tmp_path, monkeypatch):
+    first, second = tmp_path / "a.json", tmp_path / "b.csv"
+    real_replace, calls = os.replace, []
+
+    def replace_once(source, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_once)
+    with pytest.raises(UserError) as info:
+        commit_outputs([(first, _writer("a"), "w"), (second, _writer("b"), "w")])
+    assert str(info.value) == f"{second}: cannot write (Input/output error); {first} was written"
+    assert sorted(os.listdir(tmp_path)) == ["a.json"]
+
+
+@pytest.mark.parametrize("path", ["/proc/x.json", "/proc/self/nonexistent_dir/x.json", "/sys/x.json"])
+def test_check_writable_refuses_proc_and_sys_at_once(path):
+    """os.access says yes to root for these; creating a file there fails."""
+    started = time.monotonic()
+    with pytest.raises(UserError) as info:
+        check_writable(path, "--json")
+    assert str(info.value).startswith(f"--json {path}: cannot write files in ")
+    assert "choose another path" in str(info.value)
+    assert time.monotonic() - started < 1
+    assert not os.path.exists(path)
+
+
+def test_check_writable_refuses_a_read_only_file_system(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(UserError) as info:
+        check_writable(tmp_path / "results.csv", "--csv")
+    assert str(info.value) == (f"--csv {tmp_path / 'results.csv'}: cannot write files in {tmp_path} "
+                               "(Read-only file system); choose another path")
+
+
+def test_check_writable_leaves_no_probe_behind(tmp_path):
+    (tmp_path / "old.json").write_text("x")
+    for name in ("old.json", "new.json", "sub/new.json"):
+        assert check_writable(tmp_path / name, "--json") == tmp_path / name
+    assert os.listdir(tmp_path) == ["old.json"]
+
+
+def test_check_writable_refuses_a_full_disk_before_any_work(tmp_path, monkeypatch):
+    """A full disk still takes an empty file; the probe writes one byte, which it does not."""
+    monkeypatch.setattr(os, "write", _disk_full)
+    with pytest.raises(UserError) as info:
+        check_writable(tmp_path / "b.pth", "-b")
+    assert str(info.value) == (f"-b {tmp_path / 'b.pth'}: cannot write files in {tmp_path} "
+                               "(No space left on device); choose another path")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []  # the probe is gone all the same

@@ -3,12 +3,14 @@ the outputs of valid runs (printout, JSON, CSV, figure) on trios whose answers a
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import os
 import pathlib
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from torch import nn
 import cal_transferability
 from metrics import FrozenLayerWarning
 from models import build_model
+from tests.test_checkpoint_io import UNSAFE_FILES, write_unsafe_file
 from utils import run_cli
 
 PROG = "cal_transferability.py"
@@ -148,6 +151,18 @@ def test_malicious_pickle_as_finetuned(cal_cli, tiny_trio, guarded_outputs, tmp_
     guarded_outputs.assert_untouched()
 
 
+@pytest.mark.parametrize("kind", sorted(UNSAFE_FILES))
+def test_unsafe_payload_as_pretrained_is_refused_by_name(cal_cli, tiny_trio, guarded_outputs, tmp_path, kind):
+    """os.system, subprocess.Popen, exec, eval, a class of __main__, nested, raw pickles, a
+    zip whose data.pkl holds the payload: "refused", the code named, the payload never run."""
+    evil, marker, code = write_unsafe_file(tmp_path, kind)
+    result = cal_cli("-r", tiny_trio.r, "-a", evil, "-b", tiny_trio.b, *guarded_outputs.argv())
+    line = assert_user_error(result, "unsafe unpickling", "re-save")
+    assert line.startswith(f"{PROG}: error: {evil}: refused: loading it would run code from {code} ")
+    assert not marker.exists()
+    guarded_outputs.assert_untouched()
+
+
 # -------------------------------------------------------------------- checkpoints that disagree
 
 
@@ -240,6 +255,60 @@ def test_output_path_whose_parent_is_a_regular_file(cal_cli, tiny_trio, guarded_
     guarded_outputs.assert_untouched()
 
 
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_at_the_end_is_one_line_naming_the_output(cal_cli, tiny_trio, guarded_outputs, monkeypatch):
+    monkeypatch.setattr(os, "fsync", _disk_full)
+    result = cal_cli(*trio_argv(tiny_trio), *guarded_outputs.argv())
+    assert result.status == 2 and "Traceback" not in result.err
+    errors = [line for line in result.err.splitlines() if ": error: " in line]
+    assert errors == [f"{PROG}: error: --json {guarded_outputs.json}: cannot write (No space left on device); "
+                      "nothing was written"], result.err
+    assert result.err.splitlines()[-1] == errors[0]
+    guarded_outputs.assert_untouched()
+
+
+def test_a_full_disk_on_the_last_output_leaves_the_others_unwritten(cal_cli, tiny_trio, guarded_outputs, monkeypatch):
+    real_fsync, calls = os.fsync, []
+
+    def third_fails(fd):  # the JSON and CSV are staged; the figure, the third, meets a full disk
+        calls.append(fd)
+        return _disk_full() if len(calls) == 3 else real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", third_fails)
+    result = cal_cli(*trio_argv(tiny_trio), *guarded_outputs.argv())
+    assert result.status == 2 and "Traceback" not in result.err
+    assert result.err.splitlines()[-1].startswith(
+        f"{PROG}: error: --fig {guarded_outputs.fig}: cannot write (No space left on device); nothing was written")
+    guarded_outputs.assert_untouched()  # the JSON and CSV staged before it are gone too
+
+
+@pytest.mark.parametrize("flag", ["--json", "--csv", "--fig"])
+@pytest.mark.parametrize("path", ["/proc/x.png", "/proc/self/nonexistent_dir/x.png", "/sys/x.png"])
+def test_output_under_proc_or_sys_is_refused_before_any_work(cal_cli, tiny_trio, tmp_path, flag, path):
+    """Refused before the checkpoints are read: the missing -b file is never reached."""
+    result = cal_cli(*trio_argv(tiny_trio, tmp_path / "not_there.pth"), flag, path)
+    assert_user_error(result, f"{flag} {path}: cannot write files in ")
+    assert not os.path.exists(path)
+
+
+def test_finetune_refuses_b_under_proc_before_training(tiny_trio, tmp_path, capsys, monkeypatch):
+    import finetune
+
+    monkeypatch.setattr(sys, "argv", ["finetune.py"])
+    argv = ["--dataset", "synthetic:classes=4,n=8,n_val=2,size=16", "--arch", "resnet20", "--device", "cpu",
+            "--workers", "0", "--max_epoch", "1", "--batch_size", "4", "-a", str(tiny_trio.a), "-b", "/proc/x.pth"]
+    started = time.monotonic()
+    assert run_cli(finetune.main, argv) == 2
+    elapsed = time.monotonic() - started
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("finetune.py: error: -b /proc/x.pth: cannot write files in /proc"), err
+    assert elapsed < 20 and not os.path.exists("/proc/x.pth")
+
+
 def test_figure_with_unknown_suffix(cal_cli, tiny_trio, guarded_outputs):
     figure = guarded_outputs.dir / "fig.xyz"
     result = cal_cli(*trio_argv(tiny_trio), *guarded_outputs.argv(fig=figure))
@@ -266,6 +335,14 @@ def test_random_init_seed_that_is_not_an_integer(cal_cli, tiny_trio, guarded_out
     guarded_outputs.assert_untouched()
 
 
+@pytest.mark.parametrize("seed", [str(2**64), str(-2**63 - 1), "1e3"])
+def test_random_init_seed_out_of_range_is_refused_before_loading(cal_cli, tiny_trio, guarded_outputs, tmp_path, seed):
+    """torch.manual_seed takes -2**63 .. 2**64 - 1; checked before the (missing) -a is read."""
+    result = cal_cli("-r", f"random:{seed}", "-a", tmp_path / "missing.pth", "-b", tiny_trio.b, *guarded_outputs.argv())
+    assert_user_error(result, f"-r random:{seed}: the seed must be")
+    guarded_outputs.assert_untouched()
+
+
 def test_label_count_that_does_not_match_the_finetuned_files(cal_cli, tiny_trio, guarded_outputs):
     result = cal_cli(*trio_argv(tiny_trio), "--labels", "cifar10", "dtd", *guarded_outputs.argv())
     assert_user_error(result, "--labels", "2 labels", "1 -b")
@@ -275,6 +352,14 @@ def test_label_count_that_does_not_match_the_finetuned_files(cal_cli, tiny_trio,
 def test_pretrained_without_finetuned(cal_cli, tiny_trio, guarded_outputs):
     result = cal_cli("-r", tiny_trio.r, "-a", tiny_trio.a, *guarded_outputs.argv())
     assert_user_error(result, "-b is required")
+    guarded_outputs.assert_untouched()
+
+
+@pytest.mark.parametrize("argv,needle", [(["--arch", "resnet2000"], "--arch"), (["-b"], "-b/--finetuned"),
+                                         (["--no_such_flag"], "--no_such_flag")])
+def test_argparse_errors_are_one_line(cal_cli, tiny_trio, guarded_outputs, argv, needle):
+    result = cal_cli("-r", tiny_trio.r, "-a", tiny_trio.a, *guarded_outputs.argv(), *argv)
+    assert_user_error(result, needle)
     guarded_outputs.assert_untouched()
 
 
@@ -490,8 +575,8 @@ def test_script_prints_warnings_on_stderr(script_runs):
 
 TRAINING_SCRIPT = "pretrain_on_ImageNet.py"
 TRAINING_REFUSALS = {  # case: (flags, how the error line starts after "error: ")
-    "jitter_below_zero": (["--color_jitter", "-0.1"], "--color_jitter -0.1: must be between 0"),
-    "jitter_above_one": (["--color_jitter", "2"], "--color_jitter 2.0: must be between 0"),
+    "jitter_below_zero": (["--color_jitter", "-0.1"], "--color_jitter -0.1: must be at least 0 and at most 1"),
+    "jitter_above_one": (["--color_jitter", "2"], "--color_jitter 2: must be at least 0 and at most 1"),
     "pil_with_cache_on": (["--augment", "pil", "--cache", "on"], "--cache on: --augment pil"),
 }
 
@@ -542,3 +627,37 @@ def test_device_defaults_to_cpu_here_and_auto_elsewhere():
     parser = argparse.ArgumentParser()
     add_device_flag(parser)
     assert parser.parse_args([]).device == "auto" and "(default: auto)" in parser.format_help()
+
+
+# ------------------------------------------------- training scripts: numbers checked at parse time
+
+TRAINING_NUMBERS = [("--batch_size", "0"), ("--batch_size", "-3"), ("--lr", "-1"), ("--lr", "0"),
+                    ("--weight_decay", "-1"), ("--norm_weight_decay", "-0.1"), ("--momentum", "-0.5"),
+                    ("--workers", "-1"), ("--max_epoch", "0"), ("--seed", "-1"), ("--img_size", "4"),
+                    ("--color_jitter", "1.5"), ("--lr", "nan"), ("--batch_size", "two")]
+
+
+@pytest.mark.parametrize("flag,value", TRAINING_NUMBERS + [("--lr_step", "0")])
+def test_pretraining_refuses_a_bad_number_before_writing_anything(tmp_path, capsys, flag, value):
+    import pretrain_on_ImageNet
+    from utils import run_cli
+
+    argv = ["--dataset", "synthetic:classes=3,n=4,n_val=2,size=16", "--arch", "resnet20", "--device", "cpu",
+            "-r", str(tmp_path / "r.pth"), "-a", str(tmp_path / "a.pth"), flag, value]
+    assert run_cli(pretrain_on_ImageNet.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} {value}" in err[0] and "Traceback" not in err[0]
+    assert list(tmp_path.iterdir()) == []  # theta_r is not written either
+
+
+@pytest.mark.parametrize("flag,value", TRAINING_NUMBERS)
+def test_finetuning_refuses_a_bad_number_in_one_line(tmp_path, capsys, flag, value):
+    import finetune
+    from utils import run_cli
+
+    argv = ["--dataset", "synthetic:classes=3,n=4,n_val=2,size=16", "-a", "a.pth", "-b", str(tmp_path / "b.pth"),
+            flag, value]
+    assert run_cli(finetune.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} {value}" in err[0]
+    assert list(tmp_path.iterdir()) == []

@@ -738,6 +738,105 @@ def test_load_rgb_names_a_missing_or_non_image_file(tmp_path):
     assert str(tmp_path / "text.jpg") in str(excinfo.value)
 
 
+
+# 16-bit and floating-point images: scaled to 8 bits by their real range (docs/datasets.md),
+# where PIL's own convert("RGB") clips 16-bit grey to 255 and truncates floats in [0, 1] to 0.
+
+GRADIENT_16 = np.linspace(0, 65535, 64).round().astype(np.uint16).reshape(8, 8)
+
+
+def assert_grey(path: Path, expected: np.ndarray) -> None:
+    """``load_rgb(path)`` is an RGB image whose three channels all equal ``expected``."""
+    rgb = np.asarray(load_rgb(path))
+    assert rgb.dtype == np.uint8 and rgb.shape == (*expected.shape, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb[..., channel], expected)
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_load_rgb_scales_16_bit_grey_by_the_16_bit_range(tmp_path, suffix):
+    path = tmp_path / f"grey16.{suffix}"
+    Image.fromarray(GRADIENT_16).save(path)
+    assert Image.open(path).mode == "I;16"
+    expected = np.rint(GRADIENT_16 / 257).astype(np.uint8)
+    assert expected.min() == 0 and expected.max() == 255 and len(np.unique(expected)) == 64
+    assert_grey(path, expected)
+
+
+def test_load_rgb_scales_big_endian_16_bit_grey(tmp_path):
+    path = tmp_path / "grey16b.tif"
+    Image.frombytes("I;16B", (8, 8), GRADIENT_16.astype(">u2").tobytes()).save(path)
+    assert Image.open(path).mode == "I;16B"
+    assert_grey(path, np.rint(GRADIENT_16 / 257).astype(np.uint8))
+
+
+def test_load_rgb_scales_32_bit_integer_images(tmp_path):
+    """Mode I: values within 0..65535 are 16-bit data (/257); others are stretched min-max."""
+    sixteen, wide = tmp_path / "sixteen.tif", tmp_path / "wide.tif"
+    Image.fromarray(GRADIENT_16.astype(np.int32)).save(sixteen)
+    assert Image.open(sixteen).mode == "I"
+    assert_grey(sixteen, np.rint(GRADIENT_16 / 257).astype(np.uint8))
+    values = np.linspace(-1000, 99000, 64).astype(np.int32).reshape(8, 8)
+    Image.fromarray(values).save(wide)
+    assert_grey(wide, np.rint((values + 1000) * (255 / 100000)).astype(np.uint8))
+
+
+def test_load_rgb_scales_float_images_in_0_1_by_255(tmp_path):
+    path = tmp_path / "float.tif"
+    values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "F"
+    expected = np.rint(values.astype(np.float64) * 255).astype(np.uint8)
+    assert expected.min() == 0 and expected.max() == 255
+    assert_grey(path, expected)
+
+
+def test_load_rgb_stretches_float_images_outside_0_1_and_clips_constant_ones(tmp_path):
+    path, constant, negative = tmp_path / "wide.tif", tmp_path / "constant.tif", tmp_path / "negative.tif"
+    values = np.linspace(-2, 6, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(values).save(path)
+    assert_grey(path, np.rint((values.astype(np.float64) + 2) * (255 / 8)).astype(np.uint8))
+    Image.fromarray(np.full((4, 4), 3.5, np.float32)).save(constant)
+    assert_grey(constant, np.full((4, 4), 255, np.uint8))  # clipped to 1.0, the top of [0, 1]
+    Image.fromarray(np.full((4, 4), -3.5, np.float32)).save(negative)
+    assert_grey(negative, np.zeros((4, 4), np.uint8))
+
+
+def test_load_rgb_refuses_a_float_image_with_nan_by_name(tmp_path):
+    path = tmp_path / "nan.tif"
+    values = np.zeros((4, 4), np.float32)
+    values[1, 2] = np.nan
+    Image.fromarray(values).save(path)
+    with pytest.raises(CorruptImageError, match="NaN") as excinfo:
+        load_rgb(path)
+    assert str(excinfo.value).startswith(f"{path}: ")
+
+
+def _write_png_rgb48(path: Path, rgb: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG (PIL cannot write one), by hand: IHDR, IDAT, IEND."""
+    import struct
+    import zlib
+
+    height, width, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def test_load_rgb_reads_16_bit_rgb_by_its_top_8_bits(tmp_path):
+    """PIL itself reduces a 48-bit PNG to 8 bits per channel (the high byte)."""
+    path = tmp_path / "rgb48.png"
+    rgb = np.stack([GRADIENT_16, 65535 - GRADIENT_16, np.full_like(GRADIENT_16, 300)], axis=-1)
+    _write_png_rgb48(path, rgb)
+    loaded = np.asarray(load_rgb(path))
+    np.testing.assert_array_equal(loaded, (rgb >> 8).astype(np.uint8))
+    assert loaded[..., 0].max() == 255 and loaded[..., 1].min() == 0
+
 # --------------------------------------------------------------------------- transforms
 
 
