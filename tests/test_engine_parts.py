@@ -178,17 +178,20 @@ def test_cuda_states_of_another_number_of_processes_are_left_with_a_note(monkeyp
     assert "2 process(es)" in note and "run of 1" in note and list(restored) == [1]
 
 
-def test_tf32_is_one_switch_for_convolutions_and_matmuls(monkeypatch):
+def test_tf32_is_one_switch_for_convolutions_and_matmuls():
     import finetune
     from engine import job_from_args
     from engine.processes import set_tf32
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    set_tf32(True)
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    set_tf32(False)
-    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    # saved and restored by hand: torch's matmul switch is no plain attribute that monkeypatch can restore
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        set_tf32(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        set_tf32(False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     argv = ["--dataset", "synthetic", "-a", "a.pth", "-b", "b.pth"]
     assert job_from_args(finetune.parse_args(argv)).tf32 is True  # the seed's PyTorch 1.8 default
     assert job_from_args(finetune.parse_args(argv + ["--no-tf32"])).tf32 is False
