@@ -65,15 +65,22 @@ def add_stats_parser(subparsers) -> None:
     parser.set_defaults(run=run_stats)
 
 
-def validation_split(name: str, data_dir: str | None, split: str, img_size: int | None, arch: str | None = None):
+def validation_split(name: str, data_dir: str | None, split: str, img_size: int | None, arch: str | None = None,
+                     seed: int = 0):
     """A split with the evaluation transform (resize, normalise; no augmentation), at
     ``img_size`` (--img_size) or by default the input size of ``arch`` (the extractor's
     model; None: no model), else the data set's (:func:`engine.runs.input_size`, which
-    refuses a size ``arch`` cannot take)."""
+    refuses a size ``arch`` cannot take). ``seed`` picks the seeded splits (imagefolder,
+    Caltech-101, ...) as fine-tuning with that --seed does."""
     from data import build_dataset, build_transform
     from engine.runs import input_size
 
-    return build_dataset(name, data_dir, split, build_transform(False, input_size(arch, img_size, name)))
+    return build_dataset(name, data_dir, split, build_transform(False, input_size(arch, img_size, name)), seed=seed)
+
+
+def features_key(name: str, data_dir: str | None, seed: int) -> str:
+    """The feature cache's name of a data set: a seeded split's images depend on --seed."""
+    return f"{name}@{data_dir}" + (f"@split-seed={seed}" if seed else "")
 
 
 def make_extractor(args):
@@ -99,13 +106,14 @@ def run_stats(args) -> int:
                         f"{', '.join(args.transferability)}; label the results with the dataset names "
                         f"(cal_transferability.py --labels) or leave --transferability out")
     extractor = make_extractor(args)
-    source = validation_split(args.source, args.source_dir, "train", args.img_size, extractor.arch)
+    source = validation_split(args.source, args.source_dir, "train", args.img_size, extractor.arch, args.seed)
     rows = []
     for name in args.dataset:
-        target = validation_split(name, args.data_dir, "train", args.img_size, extractor.arch)
+        target = validation_split(name, args.data_dir, "train", args.img_size, extractor.arch, args.seed)
         stats = dataset_statistics(
             target, source, extractor, max_samples=args.max_samples, cache_dir=args.cache_dir,
-            target_key=f"{name}@{args.data_dir}", source_key=f"{args.source}@{args.source_dir}",
+            target_key=features_key(name, args.data_dir, args.seed),
+            source_key=features_key(args.source, args.source_dir, args.seed),
             device=device, seed=args.seed, batch_size=args.batch_size)
         rows.append({"dataset": name, **{k: stats[k] for k in ("N", "G", "D")}, "T": overall.get(name),
                      "feature_dim": stats["feature_dim"], "samples": stats["samples"], "features": args.features})
@@ -176,7 +184,9 @@ def _load_results(path: str) -> dict:
 
 
 def _short_label(result: dict) -> str:
-    label = result.get("label") or Path(result["finetuned"]).name
+    """The result's label as text (a number is written as one; none: the -b file's name)."""
+    label = result.get("label")
+    label = Path(str(result["finetuned"])).name if label is None or label == "" else str(label)
     return Path(label).stem if label.endswith((".pth", ".pt")) else label
 
 
@@ -205,9 +215,26 @@ def read_results(path: str) -> list[tuple[str, list[float]]]:
     return panels
 
 
+def drawable_panels(paths: list[str]) -> list[tuple[str, list[float]]]:
+    """The panels of every result that has a finite T somewhere; a result whose every layer
+    is null (all frozen or undefined) would be an empty panel: it is skipped with a note, and
+    nothing at all to draw is refused."""
+    panels = []
+    for path in paths:
+        for label, values in read_results(path):
+            if any(math.isfinite(v) for v in values):
+                panels.append((label, values))
+            else:
+                print(f"note: {path}: result {label!r} has no finite transferability (every layer is null); "
+                      "skipped", file=sys.stderr)
+    if not panels:
+        raise UserError(f"{', '.join(paths)}: no result has a finite transferability in any layer; nothing to draw")
+    return panels
+
+
 def run_figure(args) -> int:
     outputs = Outputs({"--out": args.out}, figures=("--out",))
-    panels = [panel for path in args.results for panel in read_results(path)]
+    panels = drawable_panels(args.results)
     outputs.add("--out", layerwise_grid_bytes(panels, outputs.image_format("--out"), columns=args.columns))
     outputs.commit(announce=lambda path: print(f"wrote {path} ({len(panels)} panels)"))
     return 0

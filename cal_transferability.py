@@ -33,6 +33,7 @@ from utils import (
     load_state_dict_safely,
     resolve_device,
     run_cli,
+    same_file,
 )
 
 CKPT_DIR = Path(__file__).resolve().parent / "ckpt"
@@ -82,7 +83,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--labels: got {len(args.labels)} labels for {len(args.finetuned)} -b files; give one each")
     if args.random_init.startswith(RANDOM_PREFIX):
         random_seed(args.random_init)  # refused before any checkpoint is read
+    check_roles_differ(args)
     return args
+
+
+# Why two roles cannot share a file: T = D(theta_r, theta_FB) / D(theta_A, theta_FB).
+SAME_FILE_PROBLEMS = {
+    ("-r", "-a"): "T is then 1 for every layer by definition; give -r the initialisation pre-training "
+                  "started from and -a the weights it ended with",
+    ("-a", "-b"): "D(theta_A, theta_FB) is then 0 and T undefined; give -b the fine-tuned weights",
+    ("-r", "-b"): "D(theta_r, theta_FB) is then 0 and T 0 for every layer; give -b the fine-tuned weights",
+}
+
+
+def check_roles_differ(args: argparse.Namespace) -> None:
+    """Refuse one file in two roles (also through a symbolic or hard link): T would be 1, 0
+    or undefined by construction, never a measurement."""
+    roles = [("-a", args.pretrained)] + [("-b", path) for path in args.finetuned]
+    if not args.random_init.startswith(RANDOM_PREFIX):
+        roles.insert(0, ("-r", args.random_init))
+    for i, (flag, path) in enumerate(roles):
+        for other_flag, other in roles[i + 1:]:
+            if flag != other_flag and same_file(path, other):
+                raise UserError(f"{flag} {path} and {other_flag} {other} name the same file: "
+                                f"{SAME_FILE_PROBLEMS[flag, other_flag]}")
 
 
 @dataclass

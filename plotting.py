@@ -46,7 +46,12 @@ def layerwise_figure_bytes(
 def figure_format(path: str) -> str | None:
     """The image format a figure path asks for (by suffix), or None if matplotlib lacks it."""
     fmt = path.rsplit(".", 1)[-1].lower() if "." in path else ""
-    return fmt if fmt in FigureCanvasBase.get_supported_filetypes() else None
+    return fmt if fmt in figure_formats() else None
+
+
+def figure_formats() -> list[str]:
+    """The image formats matplotlib writes (png, pdf, svg, jpg, ...), sorted."""
+    return sorted(FigureCanvasBase.get_supported_filetypes())
 
 
 def layerwise_grid_bytes(panels: Sequence[tuple[str, Sequence[float]]], fmt: str = "png", xlabel: str = "Block",

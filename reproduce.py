@@ -1,7 +1,7 @@
 """The paper's study end to end, offline, on the embedded synthetic benchmark.
 
     python reproduce.py                 # the default study (about half an hour on a 2-core CPU)
-    python reproduce.py --quick         # a smaller one, under 10 minutes on a 2-core CPU
+    python reproduce.py --quick         # a smaller one, about 5 minutes on a 2-core CPU (293 s alone)
     python reproduce.py --device cuda --out runs/gpu_study
 
 It pre-trains a ResNet-20 on the synthetic source task, fine-tunes it on a grid of synthetic
@@ -12,7 +12,8 @@ format, the fitted equation, the figures, and a verdict on each of the paper's t
 
 Every finished run is cached under OUT by a hash of its configuration: a killed study
 resumes where it stopped (an interrupted training run continues from its checkpoint), and a
-second call only redoes what changed.
+second call only redoes what changed. SIGINT (Ctrl-C) or SIGTERM stops the study with one
+line and exit status 128 + the signal number (130, 143); running it again resumes it.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -172,6 +174,73 @@ def training_job(study: Study, dataset: str, last: Path, device: str, **settings
                            **settings)
 
 
+# ------------------------------------------------------------------------ stop signals
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StudyStopped(Exception):
+    """SIGINT or SIGTERM stopped the study; the exit status is 128 + ``signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = int(signum)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM for the whole study, seen at safe points (:meth:`check`, between
+    and after runs) as :class:`StudyStopped`.
+
+    A training run installs its own handler (it saves its checkpoint and returns 128 +
+    the signal), and one that arrives during its last validation is not returned as a
+    status; so every signal is also written to a pipe (``signal.set_wakeup_fd``, which the
+    interpreter does whatever Python handler is installed) that :meth:`check` reads."""
+
+    def __enter__(self) -> "StopSignals":
+        self.signum = 0
+        self._read, self._write = os.pipe()
+        for fd in (self._read, self._write):
+            os.set_blocking(fd, False)
+        self._handlers = {signum: signal.signal(signum, self._record) for signum in STOP_SIGNALS}
+        self._wakeup = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def check(self) -> None:
+        """Raise :class:`StudyStopped` when a stop signal arrived since the study began."""
+        with contextlib.suppress(BlockingIOError):
+            while data := os.read(self._read, 512):
+                self.signum = self.signum or next((b for b in data if b in STOP_SIGNALS), 0)
+        if self.signum:
+            raise StudyStopped(self.signum)
+
+    def __exit__(self, *exc) -> None:
+        signal.set_wakeup_fd(self._wakeup)
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        os.close(self._read)
+        os.close(self._write)
+
+
+def _no_wakeup_fd_in_children() -> None:
+    """A forked loading worker must not write its own signals (a worker's shutdown SIGTERM)
+    into the study's pipe."""
+    with contextlib.suppress(ValueError, OSError):
+        signal.set_wakeup_fd(-1)
+
+
+os.register_at_fork(after_in_child=_no_wakeup_fd_in_children)
+
+
+def stopped_or_failed(status: int, message: str) -> Exception:
+    """What a training run's non-zero exit status means for the study."""
+    if status - 128 in STOP_SIGNALS:
+        return StudyStopped(status - 128)
+    return UserError(f"{message} (status {status}); run reproduce.py again to resume it")
+
+
 # --------------------------------------------------------------------------- the runs
 
 
@@ -193,7 +262,7 @@ def pretrain(study: Study, out: Path, device: str) -> Path:
     with training_log(run / "train.out") as announce:
         status = engine.pretrain(job, run / "r.pth", run / "a.pth", announce=announce)
     if status != 0:
-        raise UserError(f"pre-training stopped (status {status}); run reproduce.py again to resume it")
+        raise stopped_or_failed(status, "pre-training stopped")
     seconds = time.perf_counter() - tick  # of the call that finished it (a resumed run: its last part)
     write_atomically(done, lambda f: f.write(json.dumps({"study": asdict(study), "seconds": seconds}, default=list)), "w")
     return run
@@ -252,8 +321,7 @@ def finetune_and_measure(study: Study, pretrained: Path, target: Target, seed: i
     with training_log(run / "train.out") as announce:
         status = engine.finetune(job, pretrained / "a.pth", b, announce=announce)
     if status != 0:
-        raise UserError(f"fine-tuning {target.name} (seed {seed}) stopped (status {status}); "
-                        "run reproduce.py again to resume")
+        raise stopped_or_failed(status, f"fine-tuning {target.name} (seed {seed}) stopped")
     seconds = time.perf_counter() - tick
     meter, _ = pretrained_tools(study.arch, pretrained, device)
     transfer = meter(load_state_dict_safely(b))
@@ -488,7 +556,7 @@ def group_runs(runs: list[dict]) -> dict[str, list[dict]]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineArgumentParser(description="The paper's study end to end on the synthetic benchmark.")
     parser.add_argument("--out", default="runs/study", help="where everything goes (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="the quick preset: under 10 minutes on a 2-core CPU")
+    parser.add_argument("--quick", action="store_true", help="the quick preset: about 5 minutes on a 2-core CPU (293 s alone; up to 20 on shared cores)")
     parser.add_argument("--preset", choices=list(PRESETS),
                         help=f"{DEFAULT_PRESET} (default: the paper's regime), quick, or tiny (seconds; for tests)")
     parser.add_argument("--seeds", type=positive_int, help="number of seeds per target (default: the preset's)")
@@ -534,33 +602,55 @@ def knob_panels(study: Study, runs: list[dict]) -> list:
     return panels
 
 
-def run_study(study: Study, out: Path, device: str) -> tuple[Path, list[dict], dict]:
+def run_study(study: Study, out: Path, device: str, stop: StopSignals) -> tuple[Path, list[dict], dict]:
     """Pre-train, fine-tune and measure every target of ``study`` (cached runs are read
-    back); returns the pre-training run's folder, the runs and N, G, D per data set."""
+    back); returns the pre-training run's folder, the runs and N, G, D per data set. A stop
+    signal is checked before and after every run."""
     jobs = [(target, seed) for target in target_configs(study) for seed in study.seeds]
     progress = tqdm(total=1 + len(jobs), desc="study", unit="run")
-    progress.set_postfix_str("pre-training")
-    pretrained = pretrain(study, out, device)
-    progress.update()
-    runs = []
-    for target, seed in jobs:
-        progress.set_postfix_str(f"{target.name} seed {seed}")
-        runs.append(finetune_and_measure(study, pretrained, target, seed, out, device))
+    try:
+        progress.set_postfix_str("pre-training")
+        stop.check()
+        pretrained = pretrain(study, out, device)
         progress.update()
-    progress.close()
+        runs = []
+        for target, seed in jobs:
+            stop.check()
+            progress.set_postfix_str(f"{target.name} seed {seed}")
+            runs.append(finetune_and_measure(study, pretrained, target, seed, out, device))
+            progress.update()
+    finally:
+        progress.close()
     datasets = {run["dataset"]: (run["options"], run["seed"]) for run in runs}
-    stats = {name: measure_dataset(study, pretrained, options, seed, out, device)
-             for name, (options, seed) in datasets.items()}
+    stats = {}
+    for name, (options, seed) in datasets.items():
+        stop.check()
+        stats[name] = measure_dataset(study, pretrained, options, seed, out, device)
+    stop.check()
     return pretrained, runs, stats
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The study; a stop signal ends it with one line and exit status 128 + its number."""
+    started = time.perf_counter()
+    args = parse_args(argv)
+    try:
+        with StopSignals() as stop:
+            return study_and_report(args, stop, started)
+    except (StudyStopped, KeyboardInterrupt) as err:
+        signum = err.signum if isinstance(err, StudyStopped) else int(signal.SIGINT)
+        print(f"reproduce.py: stopped by {signal.Signals(signum).name} (exit status {128 + signum}); the finished "
+              f"runs are kept under {args.out}: run reproduce.py again with the same flags to resume the study",
+              file=sys.stderr)
+        return 128 + signum
+
+
+def study_and_report(args: argparse.Namespace, stop: StopSignals, started: float) -> int:
+    """Run (or read back) the study, then write its table, summary, figures and report."""
     from metrics.regression import fit_log_transferability, fit_to_dict, format_fit, partial_regression_figure
     from plotting import knob_panels_bytes
     from utils import Outputs, resolve_device
 
-    started = time.perf_counter()
-    args = parse_args(argv)
     study = PRESETS[args.preset]
     if args.seeds is not None:
         study = replace(study, seeds=tuple(range(1, args.seeds + 1)))
@@ -568,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     files = ("study_table.csv", "study.json", *figures.values(), "report.md")
     outputs = Outputs({name: Path(args.out) / name for name in files}, figures=(), flag="--out")
     out, device = Path(args.out), str(resolve_device(args.device))
-    pretrained, runs, stats = run_study(study, out, device)
+    pretrained, runs, stats = run_study(study, out, device, stop)
 
     rows, table = regression_rows(runs, stats)
     fit = fit_log_transferability(rows)
@@ -591,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs.add(figures["regression"], partial_regression_figure(rows, fit, colour_by="group"))
     outputs.add(figures["layerwise"], knob_panels_bytes(knob_panels(study, runs), runs[0]["layer_names"]))
     outputs.add("report.md", report)
+    stop.check()  # the study's files are written whole or not at all
     outputs.commit(announce=lambda path: print(f"wrote {path}"))
     print(format_fit(fit, title="ln T = a G + b D + c ln N + d"))
     print(f"pre-training: median cos(theta_r, theta_A) {diagnostics['median_cos']:.3f}, lr x wd budget "

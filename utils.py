@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import sys
 import tempfile
 import warnings
@@ -197,6 +198,8 @@ def load_state_dict_safely(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise UserError(f"{path}: is a directory, not a checkpoint file")
+    if not path.is_file():  # opening a FIFO would wait forever for a writer
+        raise UserError(f"{path}: is {_file_kind(path)}, not a regular file; give a checkpoint file")
     if not os.access(path, os.R_OK):
         raise UserError(f"{path}: cannot be read (permission denied)")
     if path.suffix == ".safetensors":
@@ -212,7 +215,26 @@ def load_state_dict_safely(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def _file_kind(path: Path) -> str:
+    """``a named pipe (FIFO)``: what a path that is not a regular file or folder is."""
+    mode = path.stat().st_mode
+    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((kind for test, kind in kinds if test(mode)), "a special file")
+
+
 # ------------------------------------------------------------------------ safe writing
+
+
+def same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Whether two paths name one file: the same resolved path (symbolic links followed), or,
+    when both exist, the same file on disk (hard links too)."""
+    if os.path.realpath(first) == os.path.realpath(second):
+        return True
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 def check_writable(path: str | os.PathLike, flag: str) -> Path:
@@ -405,8 +427,17 @@ def add_output_flags(parser, *, json: str | None = None, csv: str | None = None,
         parser.add_argument("--csv", metavar="PATH", help=csv)
     if fig:
         parser.add_argument("--fig", metavar="PATH", default=fig,
-                            help=f"{fig_help} (default: %(default)s; .png, .pdf or .svg)")
+                            help=f"{fig_help} (default: %(default)s; its suffix picks the format: "
+                            f"{figure_suffixes()})")
         parser.add_argument("--no_fig", action="store_true", help="do not draw the figure")
+
+
+def figure_suffixes() -> str:
+    """``.eps, .jpeg, ..., .svg``: the figure formats matplotlib writes here, every one of
+    which ``--fig`` takes (:func:`plotting.figure_format`)."""
+    from plotting import figure_formats
+
+    return ", ".join(f".{fmt}" for fmt in figure_formats())
 
 
 class Outputs:
@@ -424,7 +455,8 @@ class Outputs:
         self._flags = {path: flag or key for key, path in self.paths.items()}  # what errors name
         for figure in figures:
             if figure in self.paths and self.image_format(figure) is None:
-                raise UserError(f"{figure} {self.paths[figure]}: unknown image format; end the name in .png, .pdf or .svg")
+                raise UserError(f"{figure} {self.paths[figure]}: unknown image format; end the name in one of "
+                                f"{figure_suffixes()}")
         self._writers: list[tuple[Path, Callable[[object], None], str]] = []
 
     @classmethod

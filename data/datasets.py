@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 from torch.utils.data import Dataset, default_collate
 from torchvision import datasets as tv_datasets
 
-from data.image_io import CorruptImageError, is_image_file, load_rgb
+from data.image_io import IMAGE_EXTENSIONS, CorruptImageError, is_image_file, load_rgb
 from utils import UserError
 
 __all__ = [
@@ -38,6 +38,8 @@ __all__ = [
     "collate_skip_none",
     "dataset_names",
     "default_img_size",
+    "ignored_files_notice",
+    "reads_files",
     "seeded_split",
 ]
 
@@ -56,6 +58,8 @@ FLOWERS17_CLASSES = (
 )
 POCUS_CLASSES = ("covid", "pneumonia", "regular")
 DOMAINNET_DOMAINS = {"domainnet-r": "real", "domainnet-p": "painting", "domainnet-c": "clipart"}
+# Files Windows leaves in folders (lower case): not images, and ignored without a notice.
+SYSTEM_FILES = ("thumbs.db", "desktop.ini")
 
 # (root, split, transform, skip_corrupt, seed) -> dataset
 Builder = Callable[[Path, str, Any, bool, int], Dataset]
@@ -65,11 +69,14 @@ Builder = Callable[[Path, str, Any, bool, int], Dataset]
 
 
 class ImageFileDataset(Dataset):
-    """Images given as ``(path, label)`` pairs, loaded with :func:`load_rgb`."""
+    """Images given as ``(path, label)`` pairs, loaded with :func:`load_rgb`. ``ignored``: the
+    files of its class folders that were left out for their extension (:func:`_images_in`)."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str],
-                 transform: Callable | None = None, skip_corrupt: bool = False) -> None:
+                 transform: Callable | None = None, skip_corrupt: bool = False,
+                 ignored: Sequence[str] = ()) -> None:
         self.samples = [(str(path), int(label)) for path, label in samples]
+        self.ignored = list(ignored)
         self.targets = [label for _, label in self.samples]
         self.classes = list(classes)
         self.transform = transform
@@ -220,14 +227,39 @@ def _class_folders(folder: Path) -> list[str]:
         return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
 
 
-def _images_in(folder: Path) -> list[str]:
-    """Sorted paths of the image files in ``folder``; an error naming it when it has none."""
+def _images_in(folder: Path, ignored: list[str] | None = None) -> list[str]:
+    """Sorted paths of the image files (:data:`data.image_io.IMAGE_EXTENSIONS`) in ``folder``;
+    an error naming it when it has none. Hidden files (``.DS_Store``, macOS's ``._IMG.jpg``
+    AppleDouble files) are skipped; the paths of other files (``.gif``, ``.avif``, ``README``)
+    are added to ``ignored``, except :data:`SYSTEM_FILES`."""
     with os.scandir(folder) as entries:
-        files = sorted(e.name for e in entries if is_image_file(e.name) and e.is_file())
+        names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file())
+    files = [name for name in names if is_image_file(name)]
+    if ignored is not None:
+        ignored.extend(str(folder / name) for name in names
+                       if not is_image_file(name) and name.lower() not in SYSTEM_FILES)
     if not files:
         raise UserError(f"{folder}: class folder holds no images (.jpg, .png, .tif, ...); "
                         "add its images or remove the folder")
     return [str(folder / name) for name in files]
+
+
+def ignored_files_notice(*datasets: Dataset) -> str | None:
+    """One line naming how many files the class folders of ``datasets`` (each possibly
+    wrapped, as ``.dataset``) held that were left out for their extension, and which
+    extensions; None when there were none. torchvision's ImageFolder drops them silently."""
+    paths = sorted({path for data in datasets for path in getattr(getattr(data, "dataset", data), "ignored", ())})
+    if not paths:
+        return None
+    kinds = sorted({os.path.splitext(path)[1].lower() or "no extension" for path in paths})
+    return (f"ignored {len(paths)} file{'' if len(paths) == 1 else 's'} of other types in the class folders "
+            f"({', '.join(kinds)}; e.g. {paths[0]}); images are read from {' '.join(IMAGE_EXTENSIONS)} files only")
+
+
+def reads_files(dataset: Dataset) -> bool:
+    """Whether ``dataset`` (possibly wrapped, as ``.dataset``) reads an image file for each
+    item: not the generated synthetic set, nor CIFAR, whose batches torchvision holds in memory."""
+    return isinstance(getattr(dataset, "dataset", dataset), (ImageFileDataset, _SkipsCorruptImages))
 
 
 # By hand, not np.loadtxt or csv: the free field may hold spaces, and a bad line must be a UserError
@@ -308,9 +340,10 @@ def _build_caltech101(root: Path, split: str, transform, skip_corrupt: bool, see
     classes = _class_folders(folder)
     if not classes:
         raise _layout_error(root, folder / "<class>/image_0001.jpg", layout)
-    files = [_images_in(folder / name) for name in classes]
+    ignored: list[str] = []
+    files = [_images_in(folder / name, ignored) for name in classes]
     samples = _split_per_class(files, classes, split, seed, lambda n: CALTECH_TRAIN_PER_CLASS)
-    return ImageFileDataset(samples, classes, transform, skip_corrupt)
+    return ImageFileDataset(samples, classes, transform, skip_corrupt, ignored)
 
 
 def _build_cub200(root: Path, split: str, transform, skip_corrupt: bool, seed: int) -> Dataset:
@@ -396,9 +429,10 @@ def _build_pocus(root: Path, split: str, transform, skip_corrupt: bool, seed: in
     for name in POCUS_CLASSES:
         if not (root / name).is_dir():
             raise _layout_error(root, root / name, layout)
-    files = [_images_in(root / name) for name in POCUS_CLASSES]
+    ignored: list[str] = []
+    files = [_images_in(root / name, ignored) for name in POCUS_CLASSES]
     samples = _split_per_class(files, POCUS_CLASSES, split, seed, _train_count)
-    return ImageFileDataset(samples, POCUS_CLASSES, transform, skip_corrupt)
+    return ImageFileDataset(samples, POCUS_CLASSES, transform, skip_corrupt, ignored)
 
 
 def _build_dtd(root: Path, split: str, transform, skip_corrupt: bool, seed: int) -> Dataset:
@@ -487,8 +521,9 @@ def _build_imagenet(root: Path, split: str, transform, skip_corrupt: bool, seed:
     if unknown:
         raise UserError(f"{split_dir / unknown[0]}: class folder has no counterpart in {train_dir}; "
                         "train and val must use the same class folders")
-    samples = [(path, label_of[name]) for name in present for path in _images_in(split_dir / name)]
-    return ImageFileDataset(samples, classes, transform, skip_corrupt)
+    ignored: list[str] = []
+    samples = [(path, label_of[name]) for name in present for path in _images_in(split_dir / name, ignored)]
+    return ImageFileDataset(samples, classes, transform, skip_corrupt, ignored)
 
 
 def _build_imagefolder(root: Path, split: str, transform, skip_corrupt: bool, seed: int) -> Dataset:
@@ -501,9 +536,10 @@ def _seeded_class_folders(root: Path, folder: Path, layout: str, split: str, tra
     classes = _class_folders(folder)
     if not classes:
         raise _layout_error(root, folder / "<class>/<image>", layout)
-    files = [_images_in(folder / name) for name in classes]
+    ignored: list[str] = []
+    files = [_images_in(folder / name, ignored) for name in classes]
     samples = _split_per_class(files, classes, split, seed, _train_count)
-    return ImageFileDataset(samples, classes, transform, skip_corrupt)
+    return ImageFileDataset(samples, classes, transform, skip_corrupt, ignored)
 
 
 # ----------------------------------------------------------------------------- registry

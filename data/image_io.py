@@ -9,19 +9,22 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from utils import UserError
 
-# Extensions a class folder's images may have (compared case-insensitively); other files
-# (README, .DS_Store, Thumbs.db, list files) are ignored.
+# Extensions a class folder's images may have (compared case-insensitively); hidden files
+# (.DS_Store, macOS "._IMG_0001.jpg" AppleDouble files) are skipped, and other files (README,
+# .gif, .avif) are ignored with a notice (data.datasets.ignored_files_notice; docs/datasets.md).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 # The nominal value range of each greyscale mode of more than 8 bits, which PIL's own
 # convert("RGB") would clip (I;16, I: everything above 255 white) or truncate (F: [0, 1]
 # black); :func:`_wide_grey_to_rgb` scales them instead (docs/datasets.md).
 # The version of how files become RGB uint8 pixels, part of every cache key built on decoded
-# images (2: 16-bit greyscale and float images scaled by their range instead of clipped).
-DECODING_VERSION = 2
+# images (2: 16-bit greyscale and float images scaled by their range instead of clipped;
+# 3: turned upright by their EXIF Orientation tag).
+DECODING_VERSION = 3
+ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 upright, 2-8 mirrored and/or turned
 SIXTEEN_BIT_RANGE = (0.0, 65535.0)
 FLOAT_RANGE = (0.0, 1.0)
 
@@ -41,7 +44,8 @@ def is_image_file(name: str) -> bool:
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Open, fully decode and convert one image to RGB (grayscale, palette, RGBA, CMYK,
-    16-bit, 32-bit integer and floating-point images included: :func:`_wide_grey_to_rgb`).
+    16-bit, 32-bit integer and floating-point images included: :func:`_wide_grey_to_rgb`),
+    turned upright as its EXIF Orientation tag says (:func:`_upright`), as photo tools show it.
     Raises :class:`CorruptImageError` naming the file when it is missing, unreadable, not an
     image, or truncated."""
     try:
@@ -58,9 +62,10 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise CorruptImageError(path, f"cannot be read ({_first_line(err)})") from None
     try:
         with image:
-            if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-                return _wide_grey_to_rgb(image, path)
-            return image.convert("RGB")  # decodes every pixel: truncated data fails here
+            upright = _upright(image)  # decodes every pixel when it turns it: truncated data fails here
+            if upright.mode in ("I", "F") or upright.mode.startswith("I;16"):
+                return _wide_grey_to_rgb(upright, path)
+            return upright.convert("RGB")  # decodes every pixel: truncated data fails here
     except (MemoryError, CorruptImageError):
         raise
     except Exception as err:  # noqa: BLE001
@@ -68,6 +73,15 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         # SyntaxError, ValueError, struct.error, IndexError, DecompressionBombError...):
         # all of them mean this file is not a usable image.
         raise CorruptImageError(path, f"corrupt or truncated image ({_first_line(err)})") from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` mirrored and turned as its EXIF Orientation tag (2-8) says, the tag then
+    dropped; ``image`` itself when it has none or 1. The seed's loader (torchvision's
+    ImageFolder) does not do this: docs/differences.md."""
+    if image.getexif().get(ORIENTATION_TAG, 1) not in range(2, 9):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _wide_grey_to_rgb(image: Image.Image, path: str | os.PathLike) -> Image.Image:

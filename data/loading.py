@@ -448,12 +448,23 @@ def cache_splits(splits: Mapping[str, Dataset], plan: CachePlan, settings, proce
                              Waiting.of(process), [first_of_job, first_of_other_nodes])
     if any(cache is None for cache in caches.values()):
         return {}
-    held = " and ".join(f"{len(data)} {name}" for name, data in splits.items())
-    where = f"in {settings.cache_dir} (memory-mapped)" if plan.kind == "disk" else "in memory"
-    announce(f"holding the {held} images {where} ({sum(c.nbytes for c in caches.values()) / 2**20:.0f} MiB, "
-             f"ready in {time.perf_counter() - tick:.1f} s; --cache off reads the files every epoch"
-             + ("; --augment pil reads and augments the training images at every step)" if per_sample else ")"))
+    announce(cache_line(splits, caches, plan.kind, settings.cache_dir, time.perf_counter() - tick, per_sample))
     return caches
+
+
+def cache_line(splits: Mapping[str, Dataset], caches: Mapping, kind: str, cache_dir: str, seconds: float,
+               per_sample: bool) -> str:
+    """What :func:`cache_splits` tells: how many readable images of each split it holds
+    (those skipped as corrupt are not held), where, and what --cache off would do instead."""
+    from data.datasets import reads_files
+
+    held = " and ".join(f"{int(caches[name].loaded.sum())} {name}" for name in splits)
+    where = f"in {cache_dir} (memory-mapped)" if kind == "disk" else "in memory"
+    instead = ("reads the files every epoch" if all(reads_files(data) for data in splits.values())
+               else "prepares them again every epoch")
+    return (f"holding the {held} images {where} ({sum(c.nbytes for c in caches.values()) / 2**20:.0f} MiB, "
+            f"ready in {seconds:.1f} s; --cache off {instead}"
+            + ("; --augment pil reads and augments the training images at every step)" if per_sample else ")"))
 
 
 def place_caches(caches: dict, device: torch.device, announce: Callable[[str], None]) -> dict:

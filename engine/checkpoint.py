@@ -104,6 +104,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.exists():
         raise UserError(f"--resume {path}: no such file; give the run's .last.pth checkpoint")
+    if not path.is_file():  # a named pipe would block torch.load forever
+        raise UserError(f"--resume {path}: not a regular file; give the run's .last.pth checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to read is the user's file

@@ -36,6 +36,7 @@ from data.loading import (
     step_seed,
     unpack_batch,
 )
+from data.datasets import ignored_files_notice
 from engine.checkpoint import Checkpointer, RunProgress, StopRequests
 from engine.optim import Optimization, build_optimization
 from engine.processes import ProcessInfo
@@ -289,16 +290,24 @@ def train_one_epoch(model: nn.Module, loader, optimization: Optimization, proces
     return stats
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, process: ProcessInfo, channels_last: bool,
              amp_dtype: torch.dtype | None, show: bool = True) -> tuple[float, float]:
     """(mean loss, accuracy in %) over every process's share of the validation set."""
+    return validate(model, loader, process, channels_last, amp_dtype, show)[:2]
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader, process: ProcessInfo, channels_last: bool,
+             amp_dtype: torch.dtype | None, show: bool = True) -> tuple[float, float, int]:
+    """(mean loss, accuracy in %, corrupt images skipped) over every process's share of the
+    validation set; the loss and accuracy are over the images that loaded."""
     model.eval()
     device = process.device
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct: summed on the device
-    seen = 0
+    seen, skipped_total = 0, 0
     for batch in tqdm(loader, desc="  val", leave=False, disable=not (show and process.is_main) or None):
-        images, labels, _ = unpack_batch(batch)
+        images, labels, skipped = unpack_batch(batch)
+        skipped_total += skipped
         if not len(labels):
             continue
         images, labels = prepare_batch(images, labels, device, channels_last)
@@ -308,8 +317,8 @@ def evaluate(model: nn.Module, loader, process: ProcessInfo, channels_last: bool
         sums[1] += (logits.argmax(1) == labels).sum()
         seen += len(labels)
     loss_sum, correct = sums.tolist()
-    loss_sum, correct, seen = process.all_reduce([loss_sum, correct, seen])
-    return loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
+    loss_sum, correct, seen, skipped_total = process.all_reduce([loss_sum, correct, seen, skipped_total])
+    return loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1), int(skipped_total)
 
 
 def build_loaders(train_set: Dataset, val_set: Dataset, samplers: tuple[EpochSampler, EpochSampler],
@@ -390,13 +399,14 @@ def close_epoch(eval_model: StaticShapes, val_loader, stats: EpochStats, optimiz
         optimization.scheduler.step()
     loss_sum, correct, seen, skipped, overflows = process.all_reduce(
         [stats.loss, stats.correct, stats.seen, stats.skipped, stats.overflow_steps])
-    val_loss, val_acc = evaluate(eval_model, val_loader, process, settings.channels_last, optimization.amp_dtype,
-                                 settings.progress)
+    val_loss, val_acc, val_skipped = validate(eval_model, val_loader, process, settings.channels_last,
+                                              optimization.amp_dtype, settings.progress)
     entry = {
         "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": 100 * correct / max(seen, 1),
         "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
         "images_per_s": seen / max(stats.seconds, 1e-9), "skipped_images": int(skipped),
         "overflow_steps": int(overflows) // process.world_size,  # every process counts each step it skipped
+        "skipped_val_images": val_skipped,  # corrupt validation images: val_loss/val_acc are over the rest
     }
     progress.history.append(entry)
     improved = val_acc > progress.best_acc
@@ -406,11 +416,20 @@ def close_epoch(eval_model: StaticShapes, val_loader, stats: EpochStats, optimiz
     return entry, improved
 
 
+def _images(count: int) -> str:
+    return f"{count} corrupt image{'' if count == 1 else 's'}"
+
+
 def epoch_line(entry: dict, epochs: int, improved: bool) -> str:
+    """The line that reports an epoch; corrupt images skipped in training and in validation
+    (whose loss and accuracy are then over the rest) are named apart."""
+    skipped = [f"{_images(entry['skipped_images'])} skipped in training"] if entry["skipped_images"] else []
+    if entry.get("skipped_val_images"):
+        skipped.append(f"{_images(entry['skipped_val_images'])} left out of validation")
     return (f"epoch {entry['epoch']}/{epochs}  train loss {entry['train_loss']:.4f} acc {entry['train_acc']:.2f}%  "
             f"val loss {entry['val_loss']:.4f} acc {entry['val_acc']:.2f}%  lr {entry['lr']:.3g}  "
             f"{entry['images_per_s']:.0f} img/s" + ("  *best" if improved else "")
-            + (f"  ({entry['skipped_images']} corrupt images skipped)" if entry["skipped_images"] else ""))
+            + (f"  ({'; '.join(skipped)})" if skipped else ""))
 
 
 def divergence_message(err: Diverged, files: Checkpointer, settings: TrainSettings) -> str:
@@ -419,6 +438,23 @@ def divergence_message(err: Diverged, files: Checkpointer, settings: TrainSettin
     advice = "try a lower --lr" + (f" or --amp off (it was {settings.amp})" if settings.amp != "off" else "")
     return (f"the training loss became {err.value} at epoch {err.epoch + 1} step {err.step + 1}; stopped: {kept}; "
             f"{advice}")
+
+
+def restore(files: Checkpointer, resume: Mapping | None, model: nn.Module, optimization: Optimization,
+            settings: TrainSettings, announce: Callable[[str], None]) -> RunProgress:
+    """Where the run stands: from the checkpoint ``resume`` (loaded into the model and the
+    optimizer, and announced), else at its start."""
+    if resume is None:
+        return RunProgress()
+    progress, note = files.restore(resume, model, optimization)
+    if note:
+        announce(note)
+    if progress.epoch >= settings.epochs:
+        announce(f"the run in {settings.args.get('resume') or files.last_path} is finished ({progress.epoch} of "
+                 f"{settings.epochs} epochs); nothing to do (best val acc {progress.best_acc:.2f}%)")
+    else:
+        announce(f"resumed at epoch {progress.epoch + 1} step {progress.step} (best val acc {progress.best_acc:.2f}%)")
+    return progress
 
 
 def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, settings: TrainSettings, process: ProcessInfo,
@@ -438,12 +474,12 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, settings: TrainS
     files = Checkpointer(best_path, process)
     model = place_model(model, settings, process)
     optimization = build_optimization(model, settings, process.device)
-    progress = RunProgress()
-    if resume is not None:
-        progress, note = files.restore(resume, model, optimization)
-        if note:
-            announce(note)
-        announce(f"resumed at epoch {progress.epoch + 1} step {progress.step} (best val acc {progress.best_acc:.2f}%)")
+    progress = restore(files, resume, model, optimization, settings, announce)
+    if progress.epoch >= settings.epochs:  # a finished run resumed: nothing is trained, read or written
+        return FitResult(progress.best_acc, progress.best_epoch, progress.history)
+    notice = ignored_files_notice(train_set, val_set)
+    if notice:
+        announce(notice)
     train_model = training_model(model, settings, process)
     eval_model = StaticShapes(model, settings.batch_size, settings.compile)  # validation: its own graph, eval mode
     per_sample = isinstance(train_set, SeededSamples)
@@ -475,4 +511,6 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, settings: TrainS
                 files.save_best(model)
             files.save_last(model, optimization, progress, settings.args)
             announce(epoch_line(entry, settings.epochs, improved))
-    return FitResult(progress.best_acc, progress.best_epoch, progress.history)
+    if stop.signum:  # it arrived during the last validation: the run is complete, but the caller is told
+        announce(f"stopped by signal {stop.signum} after the last epoch; the run is complete ({files.last_path})")
+    return FitResult(progress.best_acc, progress.best_epoch, progress.history, stop.signum)

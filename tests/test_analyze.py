@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -390,3 +391,106 @@ def test_argparse_errors_of_analyze_and_reproduce_are_one_line(tmp_path, capsys)
     one_line_error(capsys, analyze.main, ["regress", "t.csv", "--no_such_flag"], "--no_such_flag")
     one_line_error(capsys, reproduce.main, ["--preset", "huge", "--out", tmp_path / "study"], "--preset", "huge")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_figure_takes_labels_that_are_not_strings(tmp_path, capsys, monkeypatch):
+    result = tmp_path / "r.json"
+    write_result(result, [("x", [3.0, 1.0]), ("y", [2.0, 1.0]), ("z", [4.0, 1.0])])
+    document = json.loads(result.read_text())
+    for entry, label in zip(document["results"], (7, None, 2.5)):
+        entry["label"] = label
+    result.write_text(json.dumps(document))
+    seen = {}
+    monkeypatch.setattr(analyze, "layerwise_grid_bytes",
+                        lambda panels, fmt, columns: seen.update(panels=panels) or PNG + b"fake")
+    assert run_cli(analyze.main, ["figure", str(result), "--out", str(tmp_path / "f.png")]) == 0
+    assert [title for title, _ in seen["panels"]] == ["7", "y", "2.5"]  # null: the -b file's name
+
+
+def test_figure_skips_all_null_results_and_refuses_when_nothing_is_left(tmp_path, capsys):
+    mixed, empty = tmp_path / "mixed.json", tmp_path / "empty.json"
+    write_result(mixed, [("CIFAR-10", [3.0, 5.0, 1.0]), ("DTD", [None, None, None])])
+    write_result(empty, [("DTD", [None, None])])
+    out = tmp_path / "f.png"
+    assert run_cli(analyze.main, ["figure", str(mixed), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {mixed}: result 'DTD' has no finite transferability" in err and out.exists()
+    out.unlink()
+    expect_error(capsys, ["figure", str(empty), "--out", str(out)], str(empty), "no result has a finite")
+    assert not out.exists()
+
+
+def test_stats_seed_reaches_the_seeded_split_as_in_finetuning(tmp_path, monkeypatch):
+    import metrics.dataset_stats
+    from data.loading import build_train_val
+    from tests.test_datasets import make_imagefolder, paths_of
+
+    root = tmp_path / "folder"
+    make_imagefolder(root)
+    seen = []
+
+    def fake_statistics(target, source, extractor, **kwargs):
+        seen.append((paths_of(target), kwargs["target_key"]))
+        return {"N": len(target), "G": 0.0, "D": 0.0, "feature_dim": 1, "samples": len(target)}
+
+    monkeypatch.setattr(metrics.dataset_stats, "dataset_statistics", fake_statistics)
+    argv = ["--dataset", "imagefolder", "--data_dir", str(root), "--source", "imagefolder", "--source_dir",
+            str(root), "--features", "pixels", "--cache_dir", str(tmp_path / "cache")]
+    for seed in (0, 1):
+        stats_rows(tmp_path, f"seed{seed}", *argv, "--seed", str(seed))
+        train = build_train_val("imagefolder", str(root), 8, 0.0, False, seed)[0]
+        assert seen[-1][0] == paths_of(train)  # fine-tuning with --seed sees the same training images
+    assert set(seen[0][0]) != set(seen[1][0])
+    assert seen[0][1] != seen[1][1]  # and their features are cached apart
+
+
+def stop_line(capsys) -> str:
+    """The one line a stopped study ends with (tqdm's bars aside), with no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    lines = [line for line in err.splitlines() if line.startswith("reproduce.py:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_reproduce_stopped_by_a_signal_inside_or_outside_training_says_so_and_resumes(tmp_path, capsys, monkeypatch):
+    import signal
+
+    import engine.loop
+
+    argv = ["--preset", "tiny", "--out", str(tmp_path / "study"), "--device", "cpu"]
+    expected = ("reproduce.py: stopped by {} (exit status {}); the finished runs are kept under "
+                f"{tmp_path / 'study'}: run reproduce.py again with the same flags to resume the study")
+    original = reproduce.finetune_and_measure
+    calls = []
+
+    def signal_between_runs(*args, **kwargs):  # outside training: after the second fine-tuning run
+        result = original(*args, **kwargs)
+        calls.append(args[2].name)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(reproduce, "finetune_and_measure", signal_between_runs)
+    assert run_cli(reproduce.main, argv) == 130
+    assert stop_line(capsys) == expected.format("SIGINT", 130) and len(calls) == 2
+    monkeypatch.undo()
+
+    # inside training: during a step (the run saves its checkpoint and returns 128 + the signal) and
+    # during the last epoch's validation (the run finishes; the signal must not be lost)
+    for where, signum in (("train_one_epoch", signal.SIGINT), ("close_epoch", signal.SIGTERM)):
+        inner = getattr(engine.loop, where)
+
+        def send_then_run(*args, _inner=inner, _signum=signum, **kwargs):
+            os.kill(os.getpid(), _signum)
+            return _inner(*args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(engine.loop, where, send_then_run)
+            status = run_cli(reproduce.main, argv)
+        assert status == 128 + signum
+        assert stop_line(capsys) == expected.format(signal.Signals(signum).name, status)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert run_cli(reproduce.main, argv) == 0
+    assert (tmp_path / "study" / "report.md").exists()
+    assert len(list((tmp_path / "study" / "finetune").glob("*/result.json"))) == 8

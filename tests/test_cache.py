@@ -172,3 +172,21 @@ def test_a_signal_while_caching_stops_before_anything_is_written(tmp_path):
     assert result.stopped_by == signal.SIGTERM and result.history == []
     assert "stopped by signal 15 while reading the images" in said[-1]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cache_line_says_what_cache_off_would_do(pretrained, tmp_path, capsys):
+    _, a = pretrained
+    assert run_cli(finetune.main, finetune_argv(a, tmp_path / "b.pth", "--cache", "on", epochs=1)) == 0
+    out = capsys.readouterr().out
+    assert "holding the 48 training and 16 validation images in memory" in out
+    assert "--cache off prepares them again every epoch)" in out and "reads the files" not in out  # no files
+    data = tmp_path / "data"
+    write_folder_with_a_corrupt_image(data)
+    argv = ["--dataset", "imagefolder", "--data_dir", str(data), "--arch", "resnet20", "--img_size", "12",
+            "--batch_size", "4", "--workers", "0", "--device", "cpu", "--max_epoch", "1", "-a", str(a),
+            "--cache", "on", "--skip_corrupt", "-b", str(tmp_path / "c.pth")]
+    assert run_cli(finetune.main, argv) == 0
+    out = capsys.readouterr().out
+    assert "holding the 16 training and 3 validation images in memory" in out or \
+        "holding the 15 training and 4 validation images in memory" in out  # the corrupt one is not held
+    assert "--cache off reads the files every epoch)" in out

@@ -567,3 +567,27 @@ def test_check_writable_refuses_a_full_disk_before_any_work(tmp_path, monkeypatc
                                "(No space left on device); choose another path")
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []  # the probe is gone all the same
+
+
+# ------------------------------------------------------------------------ non-regular files
+
+
+@pytest.mark.parametrize("name", ["pipe.pth", "pipe.safetensors"])
+def test_a_fifo_checkpoint_is_refused_without_waiting_for_a_writer(tmp_path, name):
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    code = ("import sys; from utils import run_cli, load_state_dict_safely; "
+            "sys.exit(run_cli(lambda argv: load_state_dict_safely(sys.argv[1])))")
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    # before the fix torch.load opened the FIFO and waited forever: the timeout fails the test
+    done = subprocess.run([sys.executable, "-c", code, str(fifo)], cwd=repo, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert str(fifo) in lines[0] and "named pipe (FIFO)" in lines[0] and "not a regular file" in lines[0]
+
+
+def test_a_device_checkpoint_is_refused(tmp_path):
+    with pytest.raises(UserError, match="character device, not a regular file"):
+        load_state_dict_safely("/dev/null")

@@ -661,3 +661,50 @@ def test_finetuning_refuses_a_bad_number_in_one_line(tmp_path, capsys, flag, val
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{flag} {value}" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------ one file in two roles
+
+
+@pytest.mark.parametrize("roles, problem", [
+    (("r", "a"), "1 for every layer by definition"),
+    (("a", "b"), "undefined"),
+    (("r", "b"), "0 for every layer"),
+])
+@pytest.mark.parametrize("link", ["same path", "symlink", "hardlink"])
+def test_one_file_in_two_roles_is_refused(cal_cli, tiny_trio, guarded_outputs, tmp_path, roles, problem, link):
+    paths = {"r": tiny_trio.r, "a": tiny_trio.a, "b": tiny_trio.b}
+    first, second = roles
+    alias = paths[first]
+    if link != "same path":
+        alias = tmp_path / f"alias_{first}.pth"
+        (os.symlink if link == "symlink" else os.link)(paths[first], alias)
+    paths[second] = alias
+    result = cal_cli("-r", paths["r"], "-a", paths["a"], "-b", paths["b"], *guarded_outputs.argv())
+    line = assert_user_error(result, f"-{first} {tiny_trio.__dict__[first]}", f"-{second} {alias}", "same file",
+                             problem)
+    assert "nan" not in line.lower() or "undefined" in line
+    assert result.out == ""
+    guarded_outputs.assert_untouched()
+
+
+def test_random_init_and_distinct_files_are_not_refused(cal_cli, tiny_trio, tmp_path):
+    copy = tmp_path / "copy_of_a.pth"
+    copy.write_bytes(tiny_trio.a.read_bytes())  # equal contents, another file: a measurement (T = 1)
+    assert cal_cli("-r", copy, "-a", tiny_trio.a, "-b", tiny_trio.b, "--no_fig").status == 0
+    with pytest.warns(UserWarning, match="approximation"):
+        assert cal_cli("-r", "random:0", "-a", tiny_trio.a, "-b", tiny_trio.b, "--no_fig").status == 0
+    assert cal_cli("-r", tiny_trio.r, "-a", tiny_trio.a, "-b", tiny_trio.b, tiny_trio.b, "--no_fig").status == 0
+
+
+def test_figure_formats_in_the_error_are_those_accepted(cal_cli, tiny_trio, tmp_path):
+    from plotting import figure_formats
+
+    line = assert_user_error(cal_cli(*trio_argv(tiny_trio), "--fig", tmp_path / "fig.xyz"), "fig.xyz",
+                             "unknown image format")
+    listed = line.split("end the name in one of ", 1)[1].split(", ")
+    assert listed == [f".{fmt}" for fmt in figure_formats()] and {".png", ".pdf", ".svg", ".jpg"} <= set(listed)
+    for suffix in (".jpg", ".eps"):  # more than the three formats the message used to name
+        assert cal_cli(*trio_argv(tiny_trio), "--fig", tmp_path / f"fig{suffix}").status == 0
+        assert (tmp_path / f"fig{suffix}").stat().st_size > 0
+    assert ".eps" in " ".join(cal_cli("--help").out.split())  # the help names them too

@@ -861,3 +861,50 @@ def test_train_transform_recipe():
     tensor = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
     out = build_transform(True, 32, color_jitter=0.4)(tensor)
     assert out.shape == (3, 32, 32) and type(out) is torch.Tensor  # a plain tensor, no tv_tensor
+
+
+# ------------------------------------------------------- EXIF orientation, other files in class folders
+
+
+def test_a_jpeg_with_an_exif_orientation_loads_upright(tmp_path):
+    pixels = np.zeros((40, 64, 3), dtype=np.uint8)
+    pixels[:, :32] = (250, 10, 10)  # left half red, right half blue: the turn is visible
+    pixels[:, 32:] = (10, 10, 250)
+    stored = Image.fromarray(pixels)
+    for tag, upright in ((6, np.rot90(pixels, -1)), (8, np.rot90(pixels, 1)), (1, pixels)):
+        exif = Image.Exif()
+        exif[0x0112] = tag
+        path = tmp_path / f"turned{tag}.jpg"
+        stored.save(path, quality=95, exif=exif)
+        loaded = np.asarray(load_rgb(path)).astype(int)
+        assert loaded.shape == upright.shape
+        assert np.abs(loaded - upright.astype(int)).mean() < 4, tag  # JPEG's rounding only
+
+
+def test_hidden_files_in_class_folders_are_not_read(tmp_path):
+    make_imagefolder(tmp_path)
+    (tmp_path / "cats" / ".hidden.jpg").write_bytes(b"garbage, not an image")
+    (tmp_path / "dogs" / "._x.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    for split in ("train", "val"):
+        dataset = build_dataset("imagefolder", tmp_path, split)
+        assert not any(Path(path).name.startswith(".") for path, _ in dataset.samples)
+        assert all(dataset[i] is not None for i in range(len(dataset)))
+    assert sum(len(build_dataset("imagefolder", tmp_path, s)) for s in ("train", "val")) == 15
+    from data.datasets import ignored_files_notice
+
+    assert ignored_files_notice(build_dataset("imagefolder", tmp_path, "train")) is None  # skipped without a word
+
+
+def test_files_of_other_types_in_class_folders_are_reported_once(tmp_path):
+    from data.datasets import ignored_files_notice
+
+    make_imagefolder(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "moving.gif")
+    (tmp_path / "dogs" / "photo.avif").write_bytes(b"avif")
+    (tmp_path / "dogs" / "Thumbs.db").write_bytes(b"windows")  # system files: no notice
+    train, val = (build_dataset("imagefolder", tmp_path, split) for split in ("train", "val"))
+    assert len(train) + len(val) == 15
+    notice = ignored_files_notice(train, val)
+    assert notice.startswith("ignored 2 files of other types in the class folders (.avif, .gif; e.g. ")
+    assert ".jpg .jpeg .png" in notice and "\n" not in notice
+    assert ignored_files_notice(build_dataset("imagefolder", tmp_path, "train")).startswith("ignored 2 files")

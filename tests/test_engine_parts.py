@@ -11,7 +11,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from data.loading import EpochSampler
 from engine.checkpoint import Checkpointer, RunProgress, StopRequests, load_checkpoint
-from engine.loop import Diverged, EpochStats, evaluate, train_one_epoch
+from engine.loop import Diverged, EpochStats, evaluate, train_one_epoch, validate
 from engine.optim import build_optimization
 from engine.processes import ProcessInfo
 from engine.settings import TrainSettings
@@ -378,3 +378,41 @@ def test_a_stop_after_the_last_batch_or_in_validation_resumes_bit_identical(tmp_
     assert result.stopped_by == 0 and len(result.history) == 3
     for key, tensor in reference.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[key]), key
+
+
+def test_validate_counts_the_corrupt_images_it_skipped():
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([1.0, 0.0]))  # always class 0
+    lost_one = [(torch.ones(1, 2), torch.tensor([0]), 1), (torch.empty(0), torch.empty(0, dtype=torch.long), 2)]
+    loss, acc, skipped = validate(model, batches(1) + lost_one, CPU, channels_last=False, amp_dtype=None, show=False)
+    assert skipped == 3 and acc == pytest.approx(200 / 3)  # over the 3 images that loaded
+    assert evaluate(model, lost_one, CPU, channels_last=False, amp_dtype=None, show=False)[1] == 100.0
+
+
+def test_a_stop_during_the_last_validation_is_reported_and_the_run_is_complete(tmp_path):
+    import engine.loop as loop
+    from data.transforms import BatchAugment
+    from engine.checkpoint import load_checkpoint
+    from models import build_model
+
+    said = []
+    result = loop.fit(build_model("resnet20", 2), SignallingSet(10), SignallingSet(6, signal_at=2, offset=100),
+                      settings(epochs=1, batch_size=4, cache="off", workers=0), CPU, tmp_path / "b.pth",
+                      announce=said.append, augment=BatchAugment(8))
+    assert result.stopped_by == 15 and len(result.history) == 1
+    assert "after the last epoch; the run is complete" in said[-1]
+    assert load_checkpoint(tmp_path / "b.last.pth")["epoch"] == 1
+
+
+def test_a_named_pipe_given_to_resume_is_refused_without_waiting(tmp_path):
+    import os
+
+    from engine.checkpoint import load_checkpoint
+    from utils import UserError
+
+    fifo = tmp_path / "b.last.pth"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="not a regular file"):
+        load_checkpoint(fifo)

@@ -415,7 +415,7 @@ def test_corrupt_image_is_named_or_skipped(capsys, tmp_path, pretrained):
     (entry,) = [json.loads(line) for line in (tmp_path / "c.log.jsonl").read_text().splitlines()]
     in_train = bad.as_posix() in [p for p, _ in engine_train_samples(data)]
     assert entry["skipped_images"] == (1 if in_train else 0)
-    assert "corrupt images skipped" in capsys.readouterr().out or not in_train
+    assert "1 corrupt image skipped in training" in capsys.readouterr().out or not in_train
 
 
 def engine_train_samples(data: Path):
@@ -632,3 +632,82 @@ def test_resume_with_another_schedule_batch_size_seed_or_process_count_is_refuse
     expect_error(capsys, finetune.main, finetune_argv(a, b, "--resume", str(tmp_path / "two.last.pth"), epochs=1),
                  "2 process(es), not 1")
     assert run_cli(finetune.main, finetune_argv(a, b, "--resume", last, epochs=1)) == 0  # the same settings resume
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_one_file_for_two_roles_is_refused_before_anything_is_written(capsys, tmp_path, pretrained):
+    _, a = pretrained
+    start = tmp_path / "theta_a.pth"
+    start.write_bytes(a.read_bytes())
+    os.symlink(start, tmp_path / "link.pth")
+    os.link(start, tmp_path / "hard.pth")
+    before = snapshot(tmp_path)
+    for b in (start, tmp_path / "link.pth", tmp_path / "hard.pth"):
+        line = expect_error(capsys, finetune.main, finetune_argv(start, b, "--overwrite", epochs=1), "-a", "-b",
+                            "same file")
+        assert str(b) in line
+    expect_error(capsys, finetune.main, ["--dataset", TARGET, *FAST, "--max_epoch", "1", "--from_scratch",
+                                         str(start), "-b", str(tmp_path / "link.pth"), "--overwrite"],
+                 "--from_scratch", "-b", "same file")
+    # -a X.last.pth is the .last.pth that -b X would write
+    last = tmp_path / "x.last.pth"
+    last.write_bytes(a.read_bytes())
+    expect_error(capsys, finetune.main, finetune_argv(last, tmp_path / "x.pth", "--overwrite", epochs=1),
+                 "x.last.pth", "same file")
+    for r, theta_a in ((tmp_path / "same.pth", tmp_path / "same.pth"), (tmp_path / "new_r.pth", tmp_path / "sub/../new_r.pth"),
+                       (tmp_path / "p.last.pth", tmp_path / "p.pth"), (tmp_path / "link.pth", start)):
+        expect_error(capsys, pretrain_on_ImageNet.main, ["--dataset", SOURCE, *FAST, "--max_epoch", "1",
+                                                         "-r", str(r), "-a", str(theta_a), "--overwrite"],
+                     "-r", "-a", "same file")
+    assert snapshot(tmp_path) == {**before, "x.last.pth": a.read_bytes()}
+
+
+def test_a_finished_run_resumed_says_so_and_rewrites_nothing(capsys, tmp_path, pretrained):
+    _, a = pretrained
+    b = tmp_path / "b.pth"
+    assert run_cli(finetune.main, finetune_argv(a, b, epochs=1)) == 0
+    last = tmp_path / "b.last.pth"
+    files = [b, last, tmp_path / "b.log.jsonl"]
+    before = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in files}
+    capsys.readouterr()
+    assert run_cli(finetune.main, finetune_argv(a, b, "--resume", str(last), epochs=1)) == 0
+    out = capsys.readouterr().out
+    assert f"the run in {last} is finished (1 of 1 epochs); nothing to do" in out
+    assert "resumed at epoch" not in out and "epoch 2/1" not in out and "holding the" not in out
+    assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in files} == before
+
+
+def test_corrupt_validation_images_are_counted_apart(capsys, tmp_path, pretrained):
+    _, a = pretrained
+    data = tmp_path / "data"
+    write_image_folder(data, {"cat": 10, "dog": 10})
+    from data import build_dataset
+
+    val = [path for path, _ in build_dataset("imagefolder", data, "val").samples]
+    Path(val[0]).write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    Image.new("RGB", (12, 12)).save(data / "cat" / "moving.gif")  # not read: one notice says so
+    argv = ["--dataset", "imagefolder", "--data_dir", str(data), "--arch", "resnet20", "--img_size", "16",
+            "--batch_size", "4", "--workers", "0", "--device", "cpu", "--max_epoch", "1", "-a", str(a),
+            "--skip_corrupt"]
+    for cache in ("on", "off"):
+        b = tmp_path / f"{cache}.pth"
+        assert run_cli(finetune.main, argv + ["--cache", cache, "-b", str(b)]) == 0
+        out = capsys.readouterr().out
+        (entry,) = [json.loads(line) for line in (tmp_path / f"{cache}.log.jsonl").read_text().splitlines()]
+        assert entry["skipped_images"] == 0 and entry["skipped_val_images"] == 1
+        assert list(entry)[-1] == "skipped_val_images"  # the earlier keys keep their order
+        assert "(1 corrupt image left out of validation)" in out
+        assert out.count("ignored 1 file of other types in the class folders (.gif; e.g. ") == 1
+        if cache == "on":  # only the readable images are held
+            assert "holding the 16 training and 3 validation images in memory" in out
+
+
+def test_epoch_line_counts_one_corrupt_image_in_the_singular():
+    entry = {"epoch": 1, "train_loss": 1.0, "train_acc": 50.0, "val_loss": 1.0, "val_acc": 50.0, "lr": 0.1,
+             "images_per_s": 10.0, "skipped_images": 1, "overflow_steps": 0, "skipped_val_images": 2}
+    line = engine.loop.epoch_line(entry, 3, False)
+    assert line.endswith("(1 corrupt image skipped in training; 2 corrupt images left out of validation)")
+    assert "corrupt" not in engine.loop.epoch_line({**entry, "skipped_images": 0, "skipped_val_images": 0}, 3, False)
