@@ -119,7 +119,7 @@ def test_a_rank_without_images_joins_every_step(tmp_path):
         for process in ranks:
             process.kill()
     for name, (empty, _) in SCENARIOS.items():
-        results = [torch.load(tmp_path / f"{name}.{rank}.pt") for rank in (0, 1)]
+        results = [torch.load(tmp_path / f"{name}.{rank}.pt", weights_only=True) for rank in (0, 1)]
         states = [result["state"] for result in results]
         expected = simulated_weights(empty)
         for key, value in expected.items():
