@@ -24,6 +24,7 @@ from utils import (
     UserError,
     add_device_flag,
     add_output_flags,
+    check_input_file,
     int_at_least,
     non_negative_int,
     positive_int,
@@ -175,10 +176,9 @@ def add_figure_parser(subparsers) -> None:
 
 
 def _load_results(path: str) -> dict:
+    check_input_file(path, "the --json output of cal_transferability.py")
     try:
         return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file; give the --json output of cal_transferability.py") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: not a readable JSON file ({err})") from None
 

@@ -193,15 +193,7 @@ def load_state_dict_safely(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     mmap=True)``, so tensors are paged in only when used; ``.safetensors`` files through
     the safetensors package. Raises :class:`UserError` for anything a user can fix.
     """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file; check the path")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, not a checkpoint file")
-    if not path.is_file():  # opening a FIFO would wait forever for a writer
-        raise UserError(f"{path}: is {_file_kind(path)}, not a regular file; give a checkpoint file")
-    if not os.access(path, os.R_OK):
-        raise UserError(f"{path}: cannot be read (permission denied)")
+    path = check_input_file(path, "a checkpoint file")
     if path.suffix == ".safetensors":
         obj: object = _load_safetensors(path)
     else:
@@ -213,6 +205,22 @@ def load_state_dict_safely(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "or a dict with one under 'state_dict' or 'model'"
         )
     return state_dict
+
+
+def check_input_file(path: str | os.PathLike, wanted: str) -> Path:
+    """``path`` as a Path once it names an existing regular file; else :class:`UserError`
+    naming it and what it is instead (``wanted``: what to give, e.g. "a CSV file"). A named
+    pipe or device is refused before it is opened: reading one would wait forever."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give {wanted}")
+    if not path.is_file():
+        raise UserError(f"{path}: is {_file_kind(path)}, not a regular file; give {wanted}")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{path}: cannot be read (permission denied)")
+    return path
 
 
 def _file_kind(path: Path) -> str:

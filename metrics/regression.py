@@ -27,7 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from statsmodels.graphics.regressionplots import plot_partregress
 
-from utils import UserError
+from utils import UserError, check_input_file
 
 # The table's columns the regression needs; any others are ignored.
 TABLE_COLUMNS = ("dataset", "G", "D", "N", "T")
@@ -51,11 +51,7 @@ def read_table(path: str | Path) -> list[dict]:
     unreadable file, missing columns, a value that is not a finite number, ``T <= 0`` or
     ``N <= 0`` (their logarithms are undefined), and fewer than 5 rows.
     """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file; check the path")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, not a CSV file")
+    path = check_input_file(path, "a CSV file")
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
             reader = csv.DictReader(handle)

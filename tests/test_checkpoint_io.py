@@ -591,3 +591,21 @@ def test_a_fifo_checkpoint_is_refused_without_waiting_for_a_writer(tmp_path, nam
 def test_a_device_checkpoint_is_refused(tmp_path):
     with pytest.raises(UserError, match="character device, not a regular file"):
         load_state_dict_safely("/dev/null")
+
+
+@pytest.mark.parametrize("argv", [["regress", "{fifo}"], ["figure", "{fifo}", "--out", "{tmp}/f.png"],
+                                  ["stats", "--dataset", "synthetic", "--features", "pixels",
+                                   "--transferability", "{fifo}"]])
+def test_analyze_refuses_a_fifo_input_without_waiting_for_a_writer(tmp_path, argv):
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    argv = [part.format(fifo=fifo, tmp=tmp_path) for part in argv]
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    # before the fix json.loads(read_text()) and csv opened the FIFO and waited forever
+    done = subprocess.run([sys.executable, "analyze.py", *argv], cwd=repo, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert str(fifo) in lines[0] and "named pipe (FIFO)" in lines[0]
+    assert sorted(os.listdir(tmp_path)) == ["pipe.json"]
