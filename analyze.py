@@ -1,11 +1,13 @@
 """Analysis of the paper's Sections 3 and 4: dataset statistics, the regression, the figures.
 
     python analyze.py stats --dataset CIFAR-10 DTD --data_dir /data -a ImageNet_model.pth --source_dir /data/imagenet
+    python analyze.py estimators --dataset CIFAR-10 --data_dir /data -a resnet50_a.pth resnet50_b.pth
     python analyze.py regress data/paper_table.csv --json fit.json
     python analyze.py figure results.json [more.json ...] --out Figs/layerwise.png
 
 ``stats`` measures N (training images), G (domain gap) and D (intraclass variance) of
-downstream datasets against the pre-training data; ``regress`` fits
+downstream datasets against the pre-training data; ``estimators`` scores (and ranks)
+pre-trained checkpoints on target datasets with LogME, LEEP, NCE, H-score and k-NN; ``regress`` fits
 ln T = a G + b D + c ln N + d; ``figure`` draws layer-wise curves as a grid of panels.
 """
 from __future__ import annotations
@@ -137,6 +139,94 @@ def write_rows(outputs: Outputs, rows: list[dict], columns) -> None:
     outputs.commit()
 
 
+# ------------------------------------------------------------------------- estimators
+
+ESTIMATOR_TITLES = {"logme": "LogME", "leep": "LEEP", "nce": "NCE", "hscore": "H-score", "knn": "kNN"}
+ESTIMATOR_COLUMNS = ("dataset", "checkpoint", "arch", *ESTIMATOR_TITLES, *(f"rank_{name}" for name in ESTIMATOR_TITLES),
+                     "samples", "N", "classes", "feature_dim", "source_classes", "k")
+
+
+def add_estimators_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "estimators", help="LogME, LEEP, NCE, H-score and k-NN of pre-trained checkpoints on target datasets; "
+        "several checkpoints are ranked")
+    parser.add_argument("--dataset", nargs="+", required=True, metavar="NAME", help="one or more target datasets")
+    parser.add_argument("--data_dir", help="folder of the target dataset(s) (layouts: docs/datasets.md)")
+    parser.add_argument("-a", "--pretrained", nargs="+", required=True, metavar="A.pth",
+                        help="one or more pre-trained checkpoints (theta_A) with their source classifier heads")
+    parser.add_argument("--max_samples", type=int_at_least(2, "k-NN leaves one image out"), default=10000,
+                        help="training images used per dataset (a seeded class-stratified subset; default: %(default)s)")
+    parser.add_argument("--k", type=positive_int, default=5, help="neighbours of the k-NN estimator (default: %(default)s)")
+    parser.add_argument("--img_size", type=int_at_least(2),
+                        help="input size (default: the model's for a ViT (224), else the dataset's)")
+    parser.add_argument("--batch_size", type=positive_int, default=256)
+    add_device_flag(parser)
+    parser.add_argument("--cache_dir", default=".cache/features",
+                        help="features and logits are cached here per (checkpoint, dataset, split) (default: %(default)s)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="the subset and the seeded splits")
+    add_output_flags(parser, json="write the scores and ranks as JSON", csv="write the scores and ranks as CSV")
+    parser.set_defaults(run=run_estimators)
+
+
+def rank_rows(rows: list[dict]) -> None:
+    """``rank_NAME`` of every row: 1 for the highest score of NAME (ties share the better rank)."""
+    for name in ESTIMATOR_TITLES:
+        for row in rows:
+            row[f"rank_{name}"] = 1 + sum(other[name] > row[name] for other in rows)
+
+
+def print_estimators(name: str, rows: list[dict]) -> None:
+    first = rows[0]
+    print(f"{name}: {first['samples']:,} of {first['N']:,} training images, {first['classes']} classes, "
+          f"k = {first['k']}")
+    width = max(len("checkpoint"), *(len(row["checkpoint"]) for row in rows))
+    print(f"  {'checkpoint':<{width}}" + "".join(f"{title:>10}" for title in ESTIMATOR_TITLES.values()))
+    for row in rows:
+        print(f"  {row['checkpoint']:<{width}}" + "".join(f"{row[key]:>10.4g}" for key in ESTIMATOR_TITLES))
+    if len(rows) > 1:
+        print("  ranking (1 = most transferable):")
+        for key, title in ESTIMATOR_TITLES.items():
+            order = sorted(rows, key=lambda row: row[f"rank_{key}"])
+            text = f"{order[0]['checkpoint']} ({order[0][f'rank_{key}']})"
+            for before, row in zip(order, order[1:]):
+                tie = row[f"rank_{key}"] == before[f"rank_{key}"]
+                text += f" {'=' if tie else '>'} {row['checkpoint']} ({row[f'rank_{key}']})"
+            print(f"    {title:<8} {text}")
+
+
+def run_estimators(args) -> int:
+    from metrics.dataset_stats import PenultimateFeatures, cached_outputs
+    from metrics.estimators import estimate_all
+    from utils import resolve_device, same_file
+
+    outputs = Outputs.of(args, "--json", "--csv")
+    for index, path in enumerate(args.pretrained):
+        twin = next((other for other in args.pretrained[:index] if same_file(other, path)), None)
+        if twin is not None:
+            raise UserError(f"-a: {path} and {twin} are one file; give each checkpoint once")
+    device = resolve_device(args.device)
+    extractors = [PenultimateFeatures(None, path) for path in args.pretrained]
+    rows = []
+    for name in args.dataset:
+        group = []
+        for path, extractor in zip(args.pretrained, extractors):
+            target = validation_split(name, args.data_dir, "train", args.img_size, extractor.arch, args.seed)
+            extracted = cached_outputs(args.cache_dir, extractor, features_key(name, args.data_dir, args.seed),
+                                       "train", target, batch_size=args.batch_size, device=device,
+                                       max_samples=args.max_samples, seed=args.seed, stratify=True, logits=True)
+            scores = estimate_all(extracted.features, extracted.logits, extracted.labels, k=args.k)
+            group.append({"dataset": name, "checkpoint": path, "arch": extractor.arch, **scores,
+                          "samples": int(extracted.labels.size), "N": len(target),
+                          "classes": int(len(set(extracted.labels.tolist()))),
+                          "feature_dim": int(extracted.features.shape[1]),
+                          "source_classes": int(extracted.logits.shape[1]), "k": min(args.k, extracted.labels.size - 1)})
+        rank_rows(group)
+        print_estimators(name, group)
+        rows += group
+    write_rows(outputs, rows, ESTIMATOR_COLUMNS)
+    return 0
+
+
 # ---------------------------------------------------------------------------- regress
 
 
@@ -244,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_stats_parser(subparsers)
+    add_estimators_parser(subparsers)
     add_regress_parser(subparsers)
     add_figure_parser(subparsers)
     args = parser.parse_args(argv)

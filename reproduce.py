@@ -349,9 +349,25 @@ def measure_dataset(study: Study, pretrained: Path, options: dict, seed: int, ou
     dataset = dataset_option(options, seed)
     size = options["size"]
     target = build_dataset(dataset, None, "train", build_transform(False, size))
-    return dataset_statistics(target, source_split(study.source, size), extractor, max_samples=study.max_samples,
-                              cache_dir=out / "cache", target_key=dataset, source_key=f"synthetic:{study.source}",
-                              device=resolve_device(device), seed=0, progress=False)
+    stats = dataset_statistics(target, source_split(study.source, size), extractor, max_samples=study.max_samples,
+                               cache_dir=out / "cache", target_key=dataset, source_key=f"synthetic:{study.source}",
+                               device=resolve_device(device), seed=0, progress=False)
+    return {**stats, "estimators": measure_estimators(extractor, target, dataset, out, device)}
+
+
+ESTIMATOR_K = 5  # neighbours of the k-NN estimator (analyze.py estimators' default)
+
+
+def measure_estimators(extractor, target, dataset: str, out: Path, device: str) -> dict:
+    """LogME, LEEP, NCE, H-score and k-NN of theta_A on every training image of one target
+    (features and the source head's logits of one pass, cached under OUT/cache)."""
+    from metrics.dataset_stats import cached_outputs
+    from metrics.estimators import estimate_all
+    from utils import resolve_device
+
+    extracted = cached_outputs(out / "cache", extractor, dataset, "train", target, device=resolve_device(device),
+                               progress=False, logits=True)
+    return estimate_all(extracted.features, extracted.logits, extracted.labels, k=ESTIMATOR_K)
 
 
 # ----------------------------------------------------------------------- the findings
@@ -439,11 +455,12 @@ def machine_line(elapsed: float, device: str) -> str:
 
 
 def report_markdown(study: Study, preset: str, runs: list[dict], stats: dict, fit, verdicts: list[dict],
-                    shapes: list, paper: dict, diagnostics: dict, figures: dict, timing: dict) -> str:
+                    shapes: list, paper: dict, diagnostics: dict, figures: dict, timing: dict,
+                    agreements: list[dict]) -> str:
     """OUT/report.md, section by section."""
     return "\n".join([*report_header(study, preset, runs, diagnostics, timing), *report_table(runs, stats),
                       *report_findings(study, fit, verdicts, paper, figures),
-                      *report_curves(runs, shapes, paper, figures)])
+                      *report_curves(runs, shapes, paper, figures), *report_estimators(runs, stats, agreements)])
 
 
 def report_header(study: Study, preset: str, runs: list[dict], diagnostics: dict, timing: dict) -> list[str]:
@@ -542,6 +559,56 @@ def report_curves(runs: list[dict], shapes: list, paper: dict, figures: dict) ->
     for label, shape in rows:
         lines.append(f"{label} | {shape.spearman:+.2f} ({shape.spearman_p:.2g}) | {shape.argmax}/{shape.points} | "
                      f"{shape.first_rank} | {shape.increasing_steps:.2f} | {'yes' if shape.decreasing else 'no'}")
+    lines.append("")
+    return lines
+
+
+ESTIMATOR_NAMES = {"logme": "LogME", "leep": "LEEP", "nce": "NCE", "hscore": "H-score", "knn": f"kNN (k = {ESTIMATOR_K})"}
+
+
+def estimator_agreement(runs: list[dict], stats: dict) -> list[dict]:
+    """For every estimator (and T itself): Kendall's tau and Pearson's r against T and against
+    the best validation accuracy, across the runs at the seed's fine-tuning lr (an estimator
+    sees the target's images, not the fine-tuning lr)."""
+    from metrics.estimators import agreement
+
+    at_base_lr = [r for r in runs if r["knob"] != "lr"]
+    accuracy = [r["best_val_acc"] for r in at_base_lr]
+    transfer = [r["T"] for r in at_base_lr]
+    rows = []
+    for key, title in ESTIMATOR_NAMES.items():
+        scores = [stats[r["dataset"]]["estimators"][key] for r in at_base_lr]
+        rows.append({"estimator": key, "title": title, "vs_T": agreement(scores, transfer),
+                     "vs_accuracy": agreement(scores, accuracy)})
+    rows.append({"estimator": "T", "title": "T (parameter space, after fine-tuning)", "vs_T": None,
+                 "vs_accuracy": agreement(transfer, accuracy)})
+    return rows
+
+
+def report_estimators(runs: list[dict], stats: dict, agreements: list[dict]) -> list[str]:
+    """The feature-based estimators per target and how each agrees with T and with accuracy."""
+
+    def cell(result: dict | None, key: str) -> str:
+        if result is None:
+            return "-"
+        value, p = result[key], result[key.split("_")[0] + "_p"]
+        return "undefined" if value is None else f"{value:+.2f} (p = {p:.2g})"
+
+    n = agreements[0]["vs_T"]["n"]
+    lines = ["## Feature-based estimators", "",
+             "theta_A's scores on every training image of each target, before any fine-tuning (definitions: "
+             "docs/estimators.md; higher = more transferable), mean ± standard deviation over the seeds:", "",
+             "Target | " + " | ".join(ESTIMATOR_NAMES.values()), "--- | " + " | ".join(":---:" for _ in ESTIMATOR_NAMES)]
+    for name, group in group_runs([r for r in runs if r["knob"] != "lr"]).items():
+        lines.append(f"{name} | " + " | ".join(
+            spread([stats[r["dataset"]]["estimators"][key] for r in group], 3) for key in ESTIMATOR_NAMES))
+    lines += ["", f"Agreement across the {n} runs at the seed's fine-tuning lr (the lr knob's runs are left out: "
+              "an estimator does not see the lr). Kendall's tau-b and Pearson's r, two-sided p values; the last "
+              "row is the paper's T against accuracy, for comparison:", "",
+              "Estimator | tau vs T | r vs T | tau vs best val. acc. | r vs best val. acc.", "--- |:---:|:---:|:---:|:---:"]
+    for row in agreements:
+        lines.append(f"{row['title']} | {cell(row['vs_T'], 'kendall_tau')} | {cell(row['vs_T'], 'pearson_r')} | "
+                     f"{cell(row['vs_accuracy'], 'kendall_tau')} | {cell(row['vs_accuracy'], 'pearson_r')}")
     lines.append("")
     return lines
 
@@ -670,11 +737,12 @@ def study_and_report(args: argparse.Namespace, stop: StopSignals, started: float
     timing = {"machine": machine_line(time.perf_counter() - started, device),
               "pretrain": f"{done['seconds'] / 60:.1f} min" if done.get("seconds") else "not recorded",
               "finetune": sum(r.get("seconds", 0.0) for r in runs)}
+    agreements = estimator_agreement(runs, stats)
     report = report_markdown(study, args.preset, runs, stats, fit, verdicts, shapes, paper, diagnostics, figures,
-                             timing)
+                             timing, agreements)
     summary = {"preset": args.preset, "study": asdict(study), "recipe": RECIPE, "fit": fit_to_dict(fit),
                "findings": verdicts, "paper_findings": [paper["finding1"], paper["finding2"]],
-               "diagnostics": diagnostics, "stats": stats, "runs": runs,
+               "diagnostics": diagnostics, "stats": stats, "runs": runs, "estimator_agreement": agreements,
                "shapes": [shape.as_dict() for shape in shapes], "timing": timing}
     outputs.add("study_table.csv", table)
     outputs.add("study.json", json.dumps(summary, indent=2, default=list))
@@ -690,7 +758,13 @@ def study_and_report(args: argparse.Namespace, stop: StopSignals, started: float
     for number, (verdict, on_paper) in enumerate(zip(verdicts, (paper["finding1"], paper["finding2"])), 1):
         print(f"finding {number}: {verdict['verdict']} ({verdict['evidence']}); on the paper's data: "
               f"{on_paper['verdict']} ({on_paper['evidence']})")
+    print("Kendall's tau against T / against the best validation accuracy: " + ", ".join(
+        f"{row['title']} {format_tau(row['vs_T'])} / {format_tau(row['vs_accuracy'])}" for row in agreements))
     return 0
+
+
+def format_tau(result: dict | None) -> str:
+    return "-" if result is None or result["kendall_tau"] is None else f"{result['kendall_tau']:+.2f}"
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -64,14 +64,17 @@ from data.image_io import DECODING_VERSION
 from utils import UserError, load_state_dict_safely, write_atomically
 
 __all__ = [
+    "Extracted",
     "FeatureExtractor",
     "PenultimateFeatures",
     "PixelFeatures",
     "cached_features",
+    "cached_outputs",
     "dataset_labels",
     "dataset_statistics",
     "domain_gap",
     "extract_features",
+    "extract_outputs",
     "frechet_distance",
     "frechet_distance_infinity",
     "gap_estimate",
@@ -312,6 +315,10 @@ class FeatureExtractor:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features ``[B, d]`` and the model's logits ``[B, classes]`` (None: no model)."""
+        return self(images), None
+
 
 class PixelFeatures(FeatureExtractor):
     """Images average-pooled to ``size x size`` per channel and flattened (``3 size^2``
@@ -392,15 +399,19 @@ class PenultimateFeatures(FeatureExtractor):
         self.model.to(device)
         return self
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.outputs(images)[0]
+
+    @torch.no_grad()
+    def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's input (flattened) and its output, the source task's logits, of one pass."""
         self.model.eval()
         self._captured = None
         try:
-            self.model(images)
+            logits = self.model(images)
             if self._captured is None:
                 raise RuntimeError(f"the head of {self.arch} was not called in the forward pass")
-            return self._captured.flatten(1)
+            return self._captured.flatten(1), logits.flatten(1)
         finally:
             self._captured = None
 
@@ -519,12 +530,29 @@ def _collate(batch: list) -> Any:
 FEATURE_FLUSH = 32  # batches of features kept on the device before one copy back to the host
 
 
-def extract_features(dataset: Dataset, extractor: Callable[[torch.Tensor], torch.Tensor], *,
-                     batch_size: int = 256, device: torch.device | str = "cpu", max_samples: int | None = None,
-                     seed: int = 0, stratify: bool = False,
-                     progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+class Extracted(NamedTuple):
+    """What :func:`extract_outputs` returns: features ``[n, d]`` (float32), labels ``[n]``
+    (int64) and, when asked for, the model's logits ``[n, classes]`` (float32; else None)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    logits: np.ndarray | None = None
+
+
+def extract_features(dataset: Dataset, extractor: Callable[[torch.Tensor], torch.Tensor], **kwargs: Any
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Features ``[n, d]`` (float32) and labels ``[n]`` (int64) of ``dataset``'s items
-    ``(image, label)``, in index order.
+    ``(image, label)``, in index order (:func:`extract_outputs` without logits)."""
+    extracted = extract_outputs(dataset, extractor, **kwargs)
+    return extracted.features, extracted.labels
+
+
+def extract_outputs(dataset: Dataset, extractor: Callable[[torch.Tensor], torch.Tensor], *,
+                    batch_size: int = 256, device: torch.device | str = "cpu", max_samples: int | None = None,
+                    seed: int = 0, stratify: bool = False, progress: bool = True, logits: bool = False) -> Extracted:
+    """Features, labels and (``logits=True``: from the same forward pass, through the
+    extractor's ``outputs`` method) the model's logits of ``dataset``'s items ``(image,
+    label)``, in index order.
 
     ``max_samples`` takes a seeded random subset, class-stratified with ``stratify``
     (:func:`subset_indices`; the labels come from :func:`dataset_labels`). Runs in batches
@@ -538,28 +566,43 @@ def extract_features(dataset: Dataset, extractor: Callable[[torch.Tensor], torch
     indices = subset_indices(size, max_samples, seed, labels_before)
     if hasattr(extractor, "to"):
         extractor = extractor.to(device) or extractor
+    if logits and not hasattr(extractor, "outputs"):
+        raise TypeError("logits=True needs an extractor with an outputs() method (PenultimateFeatures)")
     from data.loading import default_workers
 
     loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
                         num_workers=default_workers(device), collate_fn=_collate, pin_memory=device.type == "cuda")
-    features: list[np.ndarray] = []
+    arrays: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])  # features, logits
     labels: list[np.ndarray] = []
-    pending: list[torch.Tensor] = []  # on the device: copied back every FEATURE_FLUSH batches, not per batch
+    pending: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # on the device, copied back in groups
     with torch.no_grad():
         for batch in tqdm(loader, desc="features", unit="batch", disable=not progress, leave=False):
             if batch is None:
                 continue
             images, targets = batch
-            pending.append(extractor(images.to(device, non_blocking=True)).flatten(1).float())
+            images = images.to(device, non_blocking=True)
+            features, scores = extractor.outputs(images) if logits else (extractor(images), None)
+            pending[0].append(features.flatten(1).float())
+            if logits:
+                if scores is None:
+                    raise TypeError(f"{type(extractor).__name__} has no logits (it runs no model)")
+                pending[1].append(scores.flatten(1).float())
             labels.append(torch.as_tensor(targets).reshape(-1).numpy().astype(np.int64))
-            if len(pending) == FEATURE_FLUSH:
-                features.append(torch.cat(pending).cpu().numpy())
-                pending = []
-    if pending:
-        features.append(torch.cat(pending).cpu().numpy())
-    if not features:
+            if len(pending[0]) == FEATURE_FLUSH:
+                _flush(pending, arrays)
+    _flush(pending, arrays)
+    if not arrays[0]:
         raise UserError("no sample could be loaded to extract features from")
-    return np.concatenate(features), np.concatenate(labels)
+    return Extracted(np.concatenate(arrays[0]), np.concatenate(labels),
+                     np.concatenate(arrays[1]) if logits else None)
+
+
+def _flush(pending: tuple[list[torch.Tensor], ...], arrays: tuple[list[np.ndarray], ...]) -> None:
+    """One copy back to the host of each kind of pending output (one per FEATURE_FLUSH batches, not per batch)."""
+    for waiting, done in zip(pending, arrays):
+        if waiting:
+            done.append(torch.cat(waiting).cpu().numpy())
+            waiting.clear()
 
 
 # ------------------------------------------------------------------------------ cache
@@ -570,7 +613,7 @@ def _cache_path(cache_dir: Path, meta: Mapping[str, Any]) -> Path:
     return cache_dir / f"features-{hashlib.sha256(text.encode()).hexdigest()[:24]}.npz"
 
 
-def _read_cache(path: Path, meta_text: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _read_cache(path: Path, meta_text: str) -> Extracted | None:
     """The cached arrays, or ``None`` when the file is missing, unreadable or for other
     arguments (then it is recomputed and replaced)."""
     if not path.is_file():
@@ -579,20 +622,28 @@ def _read_cache(path: Path, meta_text: str) -> tuple[np.ndarray, np.ndarray] | N
         with np.load(path, allow_pickle=False) as archive:
             if str(archive["meta"]) != meta_text:
                 return None
-            return archive["features"], archive["labels"]
+            logits = archive["logits"] if "logits" in archive.files else None
+            return Extracted(archive["features"], archive["labels"], logits)
     except (OSError, ValueError, KeyError, EOFError):
         return None
 
 
 def cached_features(cache_dir: str | os.PathLike, extractor: FeatureExtractor, dataset_key: str, split: str,
                     dataset: Dataset, **extract_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`extract_features` with a disk cache: one ``.npz`` in ``cache_dir`` per
+    """Features and labels through the disk cache (:func:`cached_outputs` without logits)."""
+    extracted = cached_outputs(cache_dir, extractor, dataset_key, split, dataset, **extract_kwargs)
+    return extracted.features, extracted.labels
+
+
+def cached_outputs(cache_dir: str | os.PathLike, extractor: FeatureExtractor, dataset_key: str, split: str,
+                   dataset: Dataset, **extract_kwargs: Any) -> Extracted:
+    """:func:`extract_outputs` with a disk cache: one ``.npz`` in ``cache_dir`` per
     (cache format, extractor key, dataset key, the dataset's transform, split, dataset
-    length, and for a subset max_samples, seed and stratify), written atomically.
-    ``dataset_key`` names the dataset (e.g. the --dataset string and its --data_dir); the
-    transform (its ``repr``: input size, normalisation) is read from the dataset. A file
-    whose arguments do not match, or that cannot be read, is recomputed. ``batch_size``,
-    ``device`` and ``progress`` are not part of the key.
+    length, for a subset max_samples, seed and stratify, and whether logits are kept),
+    written atomically. ``dataset_key`` names the dataset (e.g. the --dataset string and
+    its --data_dir); the transform (its ``repr``: input size, normalisation) is read from
+    the dataset. A file whose arguments do not match, or that cannot be read, is
+    recomputed. ``batch_size``, ``device`` and ``progress`` are not part of the key.
     """
     max_samples = extract_kwargs.get("max_samples")
     if max_samples is not None and max_samples >= len(dataset):
@@ -610,20 +661,24 @@ def cached_features(cache_dir: str | os.PathLike, extractor: FeatureExtractor, d
         "seed": int(extract_kwargs.get("seed", 0)) if subset else None,
         "stratify": bool(extract_kwargs.get("stratify", False)) if subset else None,
     }
+    if extract_kwargs.get("logits"):
+        meta["logits"] = True  # (absent otherwise: the entries written before logits were kept stay valid)
     meta_text = json.dumps(meta, sort_keys=True)
     cache_dir = Path(cache_dir)
     path = _cache_path(cache_dir, meta)
     cached = _read_cache(path, meta_text)
     if cached is not None:
         return cached
-    features, labels = extract_features(dataset, extractor, **extract_kwargs)
+    extracted = extract_outputs(dataset, extractor, **extract_kwargs)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"{cache_dir}: cannot create the feature cache folder ({err.strerror})") from None
-    write_atomically(path, lambda handle: np.savez(handle, features=features, labels=labels,
-                                                   meta=np.array(meta_text)))
-    return features, labels
+    arrays = {"features": extracted.features, "labels": extracted.labels}
+    if extracted.logits is not None:
+        arrays["logits"] = extracted.logits
+    write_atomically(path, lambda handle: np.savez(handle, **arrays, meta=np.array(meta_text)))
+    return extracted
 
 
 # ------------------------------------------------------------------------- statistics

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 import analyze
@@ -185,6 +186,16 @@ def test_reproduce_tiny_study_end_to_end_and_cached(tmp_path, capsys, monkeypatc
     assert len((out / "study_table.csv").read_text().splitlines()) == 1 + 7
     results = sorted((out / "finetune").glob("*/result.json"))
     assert len(results) == 8
+    # the estimators of every target, and their agreement with T and accuracy over the 7 runs at the base lr
+    assert "## Feature-based estimators" in report and "Estimator | tau vs T | r vs T" in report
+    assert all(set(stats["estimators"]) == {"logme", "leep", "nce", "hscore", "knn"}
+               for stats in summary["stats"].values())
+    rows = {row["estimator"]: row for row in summary["estimator_agreement"]}
+    assert list(rows) == ["logme", "leep", "nce", "hscore", "knn", "T"] and rows["logme"]["vs_T"]["n"] == 7
+    at_base_lr = [run for run in summary["runs"] if run["knob"] != "lr"]
+    logme_scores = [summary["stats"][run["dataset"]]["estimators"]["logme"] for run in at_base_lr]
+    expected = scipy.stats.kendalltau(logme_scores, [run["best_val_acc"] for run in at_base_lr])
+    assert rows["logme"]["vs_accuracy"]["kendall_tau"] == pytest.approx(expected.statistic)
 
     # A second call reuses every cached run: no training, no measuring.
     def forbidden(*args, **kwargs):
