@@ -243,7 +243,8 @@ def leep(source_probs: Any, labels: Any) -> float:
         raise ValueError("source_probs must be probabilities (non-negative rows summing to 1); "
                          "apply softmax() to logits")
     index, classes = _class_indices(labels, device, theta.shape[0])
-    joint = _one_hot(index, classes).T @ theta / theta.shape[0]  # P(y, z), C x Z
+    joint = torch.zeros(classes, theta.shape[1], dtype=torch.float64, device=device)
+    joint.index_add_(0, index, theta).div_(theta.shape[0])  # P(y, z), C x Z
     marginal = joint.sum(0)
     conditional = torch.where(marginal > 0, joint / marginal.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
     expected = (theta * conditional[index]).sum(1)  # sum_z P(y_i | z) theta_i(z)

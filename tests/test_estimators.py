@@ -193,6 +193,10 @@ def test_hscore_equals_the_formula_and_is_invariant_under_an_invertible_linear_m
 
 def test_hscore_known_answers():
     labels = np.arange(30) % 3
+    # no more samples than dimensions plus one: the pseudo-inverse whitens every direction the
+    # samples span, and any features score the maximum C - 1 (a regime where H-score says nothing)
+    assert hscore(np.random.default_rng(1).normal(size=(30, 29)), labels) == pytest.approx(2.0, abs=1e-8)
+    assert hscore(np.random.default_rng(1).normal(size=(30, 4)), labels) < 1.0
     # no spread within a class: the between-class covariance is all there is, tr(S^+ S) = rank = C - 1
     assert hscore(np.eye(3, 8)[labels] * 5.0, labels) == pytest.approx(2.0, abs=1e-10)
     assert hscore(np.random.default_rng(0).normal(size=(30, 4)), np.zeros(30, dtype=int)) == pytest.approx(0.0, abs=1e-12)
