@@ -214,6 +214,9 @@ def run_estimators(args) -> int:
             extracted = cached_outputs(args.cache_dir, extractor, features_key(name, args.data_dir, args.seed),
                                        "train", target, batch_size=args.batch_size, device=device,
                                        max_samples=args.max_samples, seed=args.seed, stratify=True, logits=True)
+            if extracted.labels.size < 2:
+                raise UserError(f"--dataset {name}: {extracted.labels.size} readable training image(s); the "
+                                "estimators need at least two (kNN leaves one out)")
             scores = estimate_all(extracted.features, extracted.logits, extracted.labels, k=args.k)
             group.append({"dataset": name, "checkpoint": path, "arch": extractor.arch, **scores,
                           "samples": int(extracted.labels.size), "N": len(target),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,9 @@ import torch
 from scipy.optimize import minimize
 
 from metrics.estimators import agreement, estimate_all, hscore, knn, leep, logme, logme_fit, nce, softmax
+
+
+DEMO_PRETRAINED = Path(__file__).resolve().parents[1] / "ckpt" / "demo_pretrained.pth"
 
 
 def direct_log_evidence(features: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
@@ -316,3 +320,17 @@ def test_analyze_estimators_refuses_one_checkpoint_given_twice(tmp_path):
         analyze.main(["estimators", "--dataset", "synthetic", "-a", str(path), str(tmp_path / "." / "a.pth"),
                       "--json", str(tmp_path / "s.json")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth"]
+
+
+def test_analyze_estimators_refuses_a_target_with_fewer_than_two_readable_images(tmp_path, monkeypatch):
+    import analyze
+    import metrics.dataset_stats
+    from metrics.dataset_stats import Extracted
+    from utils import UserError
+
+    one = Extracted(np.ones((1, 64), np.float32), np.zeros(1, np.int64), np.zeros((1, 200), np.float32))
+    monkeypatch.setattr(metrics.dataset_stats, "cached_outputs", lambda *args, **kwargs: one)  # all others corrupt
+    with pytest.raises(UserError, match=r"--dataset synthetic: 1 readable training image\(s\)"):
+        analyze.main(["estimators", "--dataset", "synthetic", "-a", str(DEMO_PRETRAINED),
+                      "--csv", str(tmp_path / "s.csv")])
+    assert list(tmp_path.iterdir()) == []
