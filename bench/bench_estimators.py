@@ -123,9 +123,18 @@ def plain_knn(features: np.ndarray, labels: np.ndarray, k: int) -> float:
 # ----------------------------------------------------------------------------- timing
 
 
+def on_device(device: str, **arrays: np.ndarray) -> dict:
+    """The arrays as given (cpu), or as tensors on the GPU, copied there before any timing."""
+    if device == "cpu":
+        return arrays
+    moved = {name: torch.from_numpy(array).to(device) for name, array in arrays.items()}
+    torch.cuda.synchronize()
+    return moved
+
+
 def timed(function, *args) -> tuple[float, float]:
     tick = time.perf_counter()
-    value = function(*args)
+    value = function(*args)  # a Python float: the device has finished
     return value, time.perf_counter() - tick
 
 
@@ -135,18 +144,24 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--source_classes", type=int, default=1000)
+    parser.add_argument("--device", default="cpu",
+                        help="where our side computes: cpu (numpy inputs) or cuda (tensors given on the GPU; the "
+                        "straightforward side stays on the CPU)")
     args = parser.parse_args()
     features, logits, labels = make_task(args.samples, args.dim, args.classes, args.source_classes)
+    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(f"{args.samples:,} samples, {args.dim}-d float32 features, {args.classes} classes, "
-          f"{args.source_classes} source classes; torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{args.source_classes} source classes; torch {torch.__version__}, ours on {args.device} ({where})")
     probabilities = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
     source_labels = logits.argmax(1)
+    given = on_device(args.device, features=features, labels=labels, probabilities=probabilities,
+                      source_labels=source_labels)
     ours = {
-        "logme": lambda: logme(features, labels),
-        "leep": lambda: leep(probabilities, labels),
-        "nce": lambda: nce(source_labels, labels),
-        "hscore": lambda: hscore(features, labels),
-        "knn": lambda: knn(features, labels, K),
+        "logme": lambda: logme(given["features"], given["labels"]),
+        "leep": lambda: leep(given["probabilities"], given["labels"]),
+        "nce": lambda: nce(given["source_labels"], given["labels"]),
+        "hscore": lambda: hscore(given["features"], given["labels"]),
+        "knn": lambda: knn(given["features"], given["labels"], K),
     }
     plain = {
         "logme": lambda: plain_logme(features, labels),

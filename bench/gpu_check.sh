@@ -11,3 +11,4 @@ python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchv
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_transferability.py -k "gpu" 2>&1 \
     | tee "$out/gpu_tests.log"
 timeout "${BENCH_SECONDS:-430}" python3 bench/bench_gpu.py --json "$out/bench_gpu.json" 2>&1 | tee "$out/bench.log"
+timeout 300 python3 bench/bench_estimators.py --device cuda 2>&1 | tee "$out/bench_estimators.log"

@@ -334,3 +334,17 @@ def test_analyze_estimators_refuses_a_target_with_fewer_than_two_readable_images
         analyze.main(["estimators", "--dataset", "synthetic", "-a", str(DEMO_PRETRAINED),
                       "--csv", str(tmp_path / "s.csv")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_benchmark_runs_at_a_tiny_size_and_both_sides_agree():
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "bench/bench_estimators.py", "--samples", "300", "--dim", "40",
+                           "--classes", "4", "--source_classes", "12"], cwd=repo, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines[2:7]] == ["logme", "leep", "nce", "hscore", "knn"]
+    assert float(lines[-1].split(":")[1].split()[0]) < 1e-9  # the largest difference between the two sides

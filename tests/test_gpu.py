@@ -134,3 +134,20 @@ def test_an_fp16_overflow_on_the_gpu_skips_its_step():
         stats = train_one_epoch(model, batches, optimization, gpu_process(), settings, 0, EpochStats(), None, stop)
     assert stats.overflow_steps == 1 and stats.seen == 4 and optimization.scaler.get_scale() < 65536
     assert torch.isfinite(model.weight).all()
+
+
+def test_estimators_on_gpu_tensors_agree_with_the_cpu():
+    """metrics/estimators.py computes on the device of the tensors it is given."""
+    import numpy as np
+
+    from metrics.estimators import estimate_all
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, 600)
+    features = (rng.normal(size=(600, 96)) + np.eye(6, 96)[labels]).astype(np.float32)
+    logits = rng.normal(size=(600, 20)).astype(np.float32)
+    on_cpu = estimate_all(features, logits, labels, k=5)
+    on_gpu = estimate_all(torch.from_numpy(features).to(GPU), torch.from_numpy(logits).to(GPU),
+                          torch.from_numpy(labels).to(GPU), k=5)
+    for key, value in on_cpu.items():
+        assert on_gpu[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
