@@ -1,4 +1,5 @@
-"""Measurements: transferability from parameter distances (more estimators join later)."""
+"""Measurements: transferability from parameter distances (here); the data set statistics,
+the regression, curve shapes and the feature-based estimators are in their own modules."""
 from .transferability import (
     COS_INIT_WARNING,
     FROZEN,

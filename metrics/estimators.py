@@ -9,8 +9,9 @@ float. Labels are any integers: they are renumbered 0..C-1 in sorted order first
 * :func:`logme` (You et al., "LogME: Practical Assessment of Pre-trained Models for
   Transfer Learning", ICML 2021): for each class c, a Bayesian linear regression of the
   class's 0/1 indicator y_c on the features F (n x d), with prior w ~ N(0, 1/alpha) and
-  noise N(0, 1/beta); its log evidence, maximised over alpha and beta by MacKay's
-  fixed-point iteration, divided by n; LogME is the mean over classes.
+  noise N(0, 1/beta); its log evidence, maximised over alpha and beta (at a fixed point of
+  You et al.'s iteration, found by a one-dimensional search: :func:`logme_fit`), divided by
+  n; LogME is the mean over classes.
 * :func:`leep` (Nguyen et al., "LEEP: A New Measure to Evaluate Transferability of Learned
   Representations", ICML 2020): theta_i(z), the source head's softmax, defines the
   empirical joint P(y, z) = (1/n) sum_{i: y_i = y} theta_i(z) and P(y | z) =
