@@ -19,6 +19,7 @@ import math
 import sys
 from pathlib import Path
 
+from metrics.estimators import DEFAULT_K, ESTIMATORS
 from plotting import layerwise_grid_bytes
 from utils import (
     OneLineArgumentParser,
@@ -54,18 +55,24 @@ def add_stats_parser(subparsers) -> None:
     at_least_gap_samples = int_at_least(GAP_MIN_SAMPLES, f"G compares at least {GAP_MIN_SAMPLES} images of each side")
     parser.add_argument("--max_samples", type=at_least_gap_samples, default=2000,
                         help="images per dataset used for G and D (a seeded subset; default: %(default)s)")
-    parser.add_argument("--img_size", type=int_at_least(2),
-                        help="input size (default: the model's for a ViT (224), else the dataset's)")
-    parser.add_argument("--batch_size", type=positive_int, default=256)
-    add_device_flag(parser)
-    parser.add_argument("--cache_dir", default=".cache/features",
-                        help="features are cached here per (checkpoint, dataset, split) (default: %(default)s)")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    add_extraction_flags(parser, cached="features")
     parser.add_argument("--transferability", nargs="+", metavar="RESULT.json",
                         help="cal_transferability.py --json files: fills the T column with the overall value "
                         "of the result whose label is the dataset's name (use --labels there)")
     add_output_flags(parser, json="write the rows as JSON", csv="write the rows as CSV (ready for 'analyze.py regress')")
     parser.set_defaults(run=run_stats)
+
+
+def add_extraction_flags(parser, cached: str) -> None:
+    """The flags of a feature extraction (``stats``, ``estimators``): input size, batch,
+    device, the cache of what is extracted (``cached``) and the seed."""
+    parser.add_argument("--img_size", type=int_at_least(2),
+                        help="input size (default: the model's for a ViT (224), else the dataset's)")
+    parser.add_argument("--batch_size", type=positive_int, default=256)
+    add_device_flag(parser)
+    parser.add_argument("--cache_dir", default=".cache/features",
+                        help=f"{cached} are cached here per (checkpoint, dataset, split) (default: %(default)s)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="the subsets and the seeded splits")
 
 
 def validation_split(name: str, data_dir: str | None, split: str, img_size: int | None, arch: str | None = None,
@@ -141,8 +148,7 @@ def write_rows(outputs: Outputs, rows: list[dict], columns) -> None:
 
 # ------------------------------------------------------------------------- estimators
 
-ESTIMATOR_TITLES = {"logme": "LogME", "leep": "LEEP", "nce": "NCE", "hscore": "H-score", "knn": "kNN"}
-ESTIMATOR_COLUMNS = ("dataset", "checkpoint", "arch", *ESTIMATOR_TITLES, *(f"rank_{name}" for name in ESTIMATOR_TITLES),
+ESTIMATOR_COLUMNS = ("dataset", "checkpoint", "arch", *ESTIMATORS, *(f"rank_{name}" for name in ESTIMATORS),
                      "samples", "N", "classes", "feature_dim", "source_classes", "k")
 
 
@@ -156,21 +162,15 @@ def add_estimators_parser(subparsers) -> None:
                         help="one or more pre-trained checkpoints (theta_A) with their source classifier heads")
     parser.add_argument("--max_samples", type=int_at_least(2, "k-NN leaves one image out"), default=10000,
                         help="training images used per dataset (a seeded class-stratified subset; default: %(default)s)")
-    parser.add_argument("--k", type=positive_int, default=5, help="neighbours of the k-NN estimator (default: %(default)s)")
-    parser.add_argument("--img_size", type=int_at_least(2),
-                        help="input size (default: the model's for a ViT (224), else the dataset's)")
-    parser.add_argument("--batch_size", type=positive_int, default=256)
-    add_device_flag(parser)
-    parser.add_argument("--cache_dir", default=".cache/features",
-                        help="features and logits are cached here per (checkpoint, dataset, split) (default: %(default)s)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="the subset and the seeded splits")
+    parser.add_argument("--k", type=positive_int, default=DEFAULT_K, help="neighbours of the k-NN estimator (default: %(default)s)")
+    add_extraction_flags(parser, cached="features and logits")
     add_output_flags(parser, json="write the scores and ranks as JSON", csv="write the scores and ranks as CSV")
     parser.set_defaults(run=run_estimators)
 
 
 def rank_rows(rows: list[dict]) -> None:
     """``rank_NAME`` of every row: 1 for the highest score of NAME (ties share the better rank)."""
-    for name in ESTIMATOR_TITLES:
+    for name in ESTIMATORS:
         for row in rows:
             row[f"rank_{name}"] = 1 + sum(other[name] > row[name] for other in rows)
 
@@ -180,12 +180,12 @@ def print_estimators(name: str, rows: list[dict]) -> None:
     print(f"{name}: {first['samples']:,} of {first['N']:,} training images, {first['classes']} classes, "
           f"k = {first['k']}")
     width = max(len("checkpoint"), *(len(row["checkpoint"]) for row in rows))
-    print(f"  {'checkpoint':<{width}}" + "".join(f"{title:>10}" for title in ESTIMATOR_TITLES.values()))
+    print(f"  {'checkpoint':<{width}}" + "".join(f"{title:>10}" for title in ESTIMATORS.values()))
     for row in rows:
-        print(f"  {row['checkpoint']:<{width}}" + "".join(f"{row[key]:>10.4g}" for key in ESTIMATOR_TITLES))
+        print(f"  {row['checkpoint']:<{width}}" + "".join(f"{row[key]:>10.4g}" for key in ESTIMATORS))
     if len(rows) > 1:
         print("  ranking (1 = most transferable):")
-        for key, title in ESTIMATOR_TITLES.items():
+        for key, title in ESTIMATORS.items():
             order = sorted(rows, key=lambda row: row[f"rank_{key}"])
             text = f"{order[0]['checkpoint']} ({order[0][f'rank_{key}']})"
             for before, row in zip(order, order[1:]):

@@ -355,9 +355,6 @@ def measure_dataset(study: Study, pretrained: Path, options: dict, seed: int, ou
     return {**stats, "estimators": measure_estimators(extractor, target, dataset, out, device)}
 
 
-ESTIMATOR_K = 5  # neighbours of the k-NN estimator (analyze.py estimators' default)
-
-
 def measure_estimators(extractor, target, dataset: str, out: Path, device: str) -> dict:
     """LogME, LEEP, NCE, H-score and k-NN of theta_A on every training image of one target
     (features and the source head's logits of one pass, cached under OUT/cache)."""
@@ -367,7 +364,7 @@ def measure_estimators(extractor, target, dataset: str, out: Path, device: str) 
 
     extracted = cached_outputs(out / "cache", extractor, dataset, "train", target, device=resolve_device(device),
                                progress=False, logits=True)
-    return estimate_all(extracted.features, extracted.logits, extracted.labels, k=ESTIMATOR_K)
+    return estimate_all(extracted.features, extracted.logits, extracted.labels)
 
 
 # ----------------------------------------------------------------------- the findings
@@ -563,7 +560,10 @@ def report_curves(runs: list[dict], shapes: list, paper: dict, figures: dict) ->
     return lines
 
 
-ESTIMATOR_NAMES = {"logme": "LogME", "leep": "LEEP", "nce": "NCE", "hscore": "H-score", "knn": f"kNN (k = {ESTIMATOR_K})"}
+def estimator_titles() -> dict[str, str]:
+    from metrics.estimators import DEFAULT_K, ESTIMATORS
+
+    return {**ESTIMATORS, "knn": f"{ESTIMATORS['knn']} (k = {DEFAULT_K})"}
 
 
 def estimator_agreement(runs: list[dict], stats: dict) -> list[dict]:
@@ -576,7 +576,7 @@ def estimator_agreement(runs: list[dict], stats: dict) -> list[dict]:
     accuracy = [r["best_val_acc"] for r in at_base_lr]
     transfer = [r["T"] for r in at_base_lr]
     rows = []
-    for key, title in ESTIMATOR_NAMES.items():
+    for key, title in estimator_titles().items():
         scores = [stats[r["dataset"]]["estimators"][key] for r in at_base_lr]
         rows.append({"estimator": key, "title": title, "vs_T": agreement(scores, transfer),
                      "vs_accuracy": agreement(scores, accuracy)})
@@ -595,13 +595,14 @@ def report_estimators(runs: list[dict], stats: dict, agreements: list[dict]) -> 
         return "undefined" if value is None else f"{value:+.2f} (p = {p:.2g})"
 
     n = agreements[0]["vs_T"]["n"]
+    titles = estimator_titles()
     lines = ["## Feature-based estimators", "",
              "theta_A's scores on every training image of each target, before any fine-tuning (definitions: "
              "docs/estimators.md; higher = more transferable), mean ± standard deviation over the seeds:", "",
-             "Target | " + " | ".join(ESTIMATOR_NAMES.values()), "--- | " + " | ".join(":---:" for _ in ESTIMATOR_NAMES)]
+             "Target | " + " | ".join(titles.values()), "--- | " + " | ".join(":---:" for _ in titles)]
     for name, group in group_runs([r for r in runs if r["knob"] != "lr"]).items():
         lines.append(f"{name} | " + " | ".join(
-            spread([stats[r["dataset"]]["estimators"][key] for r in group], 3) for key in ESTIMATOR_NAMES))
+            spread([stats[r["dataset"]]["estimators"][key] for r in group], 3) for key in titles))
     lines += ["", f"Agreement across the {n} runs at the seed's fine-tuning lr (the lr knob's runs are left out: "
               "an estimator does not see the lr). Kendall's tau-b and Pearson's r, two-sided p values; the last "
               "row is the paper's T against accuracy, for comparison:", "",

@@ -39,17 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ESTIMATORS", "LogMEFit", "agreement", "estimate_all", "hscore", "knn", "leep", "logme", "logme_fit", "nce",
+__all__ = ["DEFAULT_K", "ESTIMATORS", "LogMEFit", "agreement", "estimate_all", "hscore", "knn", "leep", "logme", "logme_fit", "nce",
            "softmax"]
 
-# name -> (what it needs, its paper); every score: higher = more transferable
-ESTIMATORS = {
-    "logme": ("features", "You et al., ICML 2021"),
-    "leep": ("source probabilities", "Nguyen et al., ICML 2020"),
-    "nce": ("source labels", "Tran et al., ICCV 2019"),
-    "hscore": ("features", "Bao et al., ICIP 2019"),
-    "knn": ("features", "leave-one-out k-NN accuracy, cosine similarity"),
-}
+# name -> the title reports print; every score: higher = more transferable
+ESTIMATORS = {"logme": "LogME", "leep": "LEEP", "nce": "NCE", "hscore": "H-score", "knn": "kNN"}
+DEFAULT_K = 5  # neighbours of the kNN estimator
 # LogME's search over log(alpha / beta): grid step, reach beyond the spectrum, golden-section steps
 LOGME_STEP, LOGME_MARGIN, LOGME_GOLDEN_STEPS = 0.5, 40.0, 64
 KNN_BLOCK = 1024  # rows of the similarity matrix held at once
@@ -193,9 +188,10 @@ def logme_fit(features: Any, labels: Any) -> LogMEFit:
         value = evidence(point)
         a, b, fa, fb = (torch.where(keep_left, point, b), torch.where(keep_left, a, point),
                         torch.where(keep_left, value, fb), torch.where(keep_left, fa, value))
-    log_lambda = (left + right) / 2
-    log_lambda = torch.where(evidence(log_lambda) >= scores.max(0).values, log_lambda, grid[best])
-    current = evidence(log_lambda)
+    refined = (left + right) / 2
+    at_refined, at_grid = evidence(refined), scores.max(0).values
+    log_lambda = torch.where(at_refined >= at_grid, refined, grid[best])
+    current = torch.maximum(at_refined, at_grid)
     lam = log_lambda.exp()
     beta = n / (outside + (u2 * (lam / (lam + s))).sum(0))
     return LogMEFit(current.cpu().numpy(), (lam * beta).cpu().numpy(), beta.cpu().numpy())
@@ -270,7 +266,7 @@ def nce(source_labels: Any, labels: Any) -> float:
 # ------------------------------------------------------------------------------ k-NN
 
 
-def knn(features: Any, labels: Any, k: int = 5) -> float:
+def knn(features: Any, labels: Any, k: int = DEFAULT_K) -> float:
     """Leave-one-out k-NN accuracy under cosine similarity: each sample is predicted from the
     ``k`` most similar other samples (``k`` is capped at n - 1) by majority vote, ties broken
     by the larger summed similarity, then by the smaller label. A zero feature vector has
@@ -302,7 +298,7 @@ def knn(features: Any, labels: Any, k: int = 5) -> float:
 # ------------------------------------------------------------------------------- all
 
 
-def estimate_all(features: Any, logits: Any, labels: Any, k: int = 5) -> dict[str, float]:
+def estimate_all(features: Any, logits: Any, labels: Any, k: int = DEFAULT_K) -> dict[str, float]:
     """Every estimator of :data:`ESTIMATORS` from penultimate features, the source head's
     logits (softmax for LEEP, arg-max for NCE) and the target labels."""
     logits = _float64(logits, _device_of(logits), "logits", 2)
