@@ -20,7 +20,8 @@ import engine
 import finetune
 from data.cache import AUTO_DISK_SHARE, DEFAULT_CACHE_DIR, ImageCache, StoredImages, cache_kind
 from tests.test_cache import make_samples
-from tests.test_training import REPO, assert_same_weights, expect_error, finetune_argv, pretrain, run_script
+from tests.test_training import (REPO, assert_same_weights, expect_error, finetune_argv, pretrain, run_script,
+                                 torchrun_nodes)
 from utils import load_state_dict_safely, run_cli
 
 
@@ -240,18 +241,20 @@ TORCHRUN_SCRIPT = """
 """
 
 
-def test_torchrun_decodes_once_per_node(tmp_path):
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_torchrun_decodes_once_per_node(tmp_path, nodes):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(TORCHRUN_SCRIPT.format(repo=str(REPO))))
-    process = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                         str(tmp_path), env={**os.environ, "OMP_NUM_THREADS": "1"})
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-3000:]
+    out = torchrun_nodes(nodes, [str(script), str(tmp_path)])
     reads = {(mode, rank): len((tmp_path / f"reads-{mode}-{rank}.txt").read_text().split())
              for mode in ("off", "on", "disk") for rank in (0, 1)}
     assert reads[("off", 0)] > 0 and reads[("off", 1)] > 0  # each process reads its share every epoch
-    for mode in ("on", "disk"):  # the node's first process decodes each image once (and one probe per split)
-        assert (reads[(mode, 0)], reads[(mode, 1)]) == (16 + 8 + 2, 0), reads
+    everything = 16 + 8 + 2  # each image of both splits, and one probe per split
+    # the memory cache: each node's first process decodes each image once
+    assert (reads[("on", 0)], reads[("on", 1)]) == ((everything, 0) if nodes == 1 else (everything, everything)), reads
+    # the disk cache in a folder the nodes share: the job's first process writes it, the other node maps it
+    # (having decoded one probe per split to choose where its images go)
+    assert (reads[("disk", 0)], reads[("disk", 1)]) == (everything, 0 if nodes == 1 else 2), reads
     assert "images in memory" in out and "(memory-mapped)" in out
     assert list((tmp_path / "shm" / "transferability-images").iterdir()) == []  # removed once mapped
     assert sorted(p.name.split("-")[1] for p in (tmp_path / "cache").iterdir()) == ["training", "validation"]

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -322,25 +323,59 @@ def test_stopped_and_resumed_pil_run_ends_bit_identical(pretrained, uninterrupte
 # ------------------------------------------------------------------------ torchrun
 
 
-@pytest.mark.parametrize("script", ["pretrain_on_ImageNet.py", "finetune.py"])
-def test_torchrun_two_processes_on_cpu(pretrained, tmp_path, script):
-    _, a = pretrained
-    out_dir = tmp_path / "out"
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun_nodes(nodes: int, argv: list[str]) -> str:
+    """Run ``argv`` under torchrun as two processes: on one node (``nodes`` 1), or as two
+    nodes of one process each, two torchrun launchers on this machine meeting at a local
+    port (``nodes`` 2; each launcher sets LOCAL_RANK 0 and LOCAL_WORLD_SIZE 1, as on two
+    machines). Returns what all of them printed on their standard output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nodes == 1:
+        launchers = [["--standalone", "--nproc_per_node=2"]]
+    else:
+        port = free_port()
+        launchers = [["--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}", "--master_addr=127.0.0.1",
+                      f"--master_port={port}"] for node in range(2)]
+    processes = [run_script("-m", "torch.distributed.run", *launcher, *argv, env=env) for launcher in launchers]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    return "".join(out for out, _ in outputs)
+
+
+def torchrun_training(a: Path, out_dir: Path, script: str, nodes: int) -> dict:
+    """One epoch of ``script`` as two processes on ``nodes`` nodes (:func:`torchrun_nodes`);
+    checks that only the first process printed and wrote, and returns the weights written."""
     out_dir.mkdir()
     if script == "pretrain_on_ImageNet.py":
         args = ["--dataset", SOURCE, "-r", str(out_dir / "r.pth"), "-a", str(out_dir / "x.pth")]
     else:
         args = ["--dataset", TARGET, "-a", str(a), "-b", str(out_dir / "x.pth")]
-    process = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args,
-                         "--arch", "resnet20", "--batch_size", "8", "--workers", "0", "--device", "cpu",
-                         "--max_epoch", "1")
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-3000:]
-    assert out.count("epoch 1/1") == 1, out  # only rank 0 prints
+    out = torchrun_nodes(nodes, [script, *args, "--arch", "resnet20", "--batch_size", "8", "--workers", "0",
+                                 "--device", "cpu", "--max_epoch", "1"])
+    assert out.count("epoch 1/1") == 1, out  # only rank 0 prints, whichever node the others are on
     expected = {"x.pth", "x.last.pth", "x.log.jsonl"} | ({"r.pth"} if script.startswith("pretrain") else set())
     assert {p.name for p in out_dir.iterdir()} == expected  # only rank 0 writes, nothing else is left
     log = [json.loads(line) for line in (out_dir / "x.log.jsonl").read_text().splitlines()]
     assert len(log) == 1
+    return load_state_dict_safely(out_dir / "x.pth")
+
+
+@pytest.mark.parametrize("script", ["pretrain_on_ImageNet.py", "finetune.py"])
+def test_torchrun_two_processes_on_cpu(pretrained, tmp_path, script):
+    torchrun_training(pretrained[1], tmp_path / "out", script, nodes=1)
+
+
+def test_two_nodes_of_one_process_train_as_one_node_of_two(pretrained, tmp_path):
+    """Two torchrun launchers (each process the first of its node) on gloo: the same
+    printing, files and weights as one launcher of two processes."""
+    two_nodes = torchrun_training(pretrained[1], tmp_path / "nodes", "finetune.py", nodes=2)
+    assert_same_weights(two_nodes, torchrun_training(pretrained[1], tmp_path / "node", "finetune.py", nodes=1))
 
 
 # ------------------------------------------------------------------------ bad input
