@@ -485,8 +485,9 @@ def make_loader(dataset: Dataset, sampler: EpochSampler, cache, *, batch_size: i
     loading never draws on the global RNG)."""
     if cache is not None:
         return CachedLoader(cache, sampler, batch_size, pin_memory, prefetch=2 if pin_memory else 0)
+    collate = getattr(dataset, "collate", collate_batch)  # data.device_decode.DeviceDecoded has its own
     return DataLoader(ReportingFailures(dataset), sampler=sampler, batch_size=batch_size, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=workers > 0, collate_fn=collate_batch,
+                      pin_memory=pin_memory, persistent_workers=workers > 0, collate_fn=collate,
                       drop_last=False, generator=generator)
 
 
@@ -506,8 +507,8 @@ AUGMENT_MODES = ("batch", "pil")
 
 
 def build_train_val(dataset: str, data_dir: str | None, img_size: int | None, color_jitter: float,
-                    skip_corrupt: bool, seed: int,
-                    augment: str = "batch") -> tuple[Dataset, Dataset, int, Callable | None]:
+                    skip_corrupt: bool, seed: int, augment: str = "batch",
+                    decode: str = "loader") -> tuple[Dataset, Dataset, int, Callable | None]:
     """Both splits of ``dataset``, the image size, and the training augmentation.
 
     ``augment="batch"``: images of both splits are only resized per image (uint8); the
@@ -518,7 +519,8 @@ def build_train_val(dataset: str, data_dir: str | None, img_size: int | None, co
     set's uint8 tensor), wrapped in :class:`SeededSamples`; no batch augmentation (None is
     returned). Either way validation batches are normalised on the device
     (:func:`data.transforms.normalize_batch`), the same numbers as the seed's evaluation
-    transform.
+    transform. ``decode="device"`` (with ``augment="batch"``): the files' JPEGs are decoded
+    and resized on the training device instead (:mod:`data.device_decode`).
     """
     from data.datasets import build_dataset, default_img_size
     from data.transforms import BatchAugment, build_loading_transform, build_transform
@@ -531,6 +533,8 @@ def build_train_val(dataset: str, data_dir: str | None, img_size: int | None, co
     if augment not in AUGMENT_MODES:
         raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {augment!r}")
     per_image = augment == "pil"
+    if decode == "device":
+        return _device_decoded_splits(dataset, data_dir, img_size, color_jitter, skip_corrupt, seed, per_image)
     train_transform = build_transform(True, img_size, color_jitter) if per_image else build_loading_transform(img_size)
     train = build_dataset(dataset, data_dir, "train", train_transform, skip_corrupt, seed)
     val = build_dataset(dataset, data_dir, "val", build_loading_transform(img_size), skip_corrupt, seed)
@@ -538,4 +542,21 @@ def build_train_val(dataset: str, data_dir: str | None, img_size: int | None, co
         raise UserError(f"--dataset {dataset}: the {'train' if len(train) == 0 else 'val'} split is empty")
     if per_image:
         return SeededSamples(train), val, img_size, None
+    return train, val, img_size, BatchAugment(img_size, color_jitter)
+
+
+def _device_decoded_splits(dataset: str, data_dir: str | None, img_size: int, color_jitter: float,
+                           skip_corrupt: bool, seed: int, per_image: bool) -> tuple[Dataset, Dataset, int, Callable]:
+    """:func:`build_train_val` with ``decode="device"``."""
+    from data.datasets import build_dataset
+    from data.device_decode import device_decoded
+    from data.transforms import BatchAugment
+
+    if per_image:
+        raise UserError("--decode device: --augment pil transforms each image while loading, before the device "
+                        "sees it; use --augment batch (the default) or --decode loader")
+    train, val = (device_decoded(build_dataset(dataset, data_dir, split, None, skip_corrupt, seed), img_size, dataset)
+                  for split in ("train", "val"))
+    if len(train) == 0 or len(val) == 0:
+        raise UserError(f"--dataset {dataset}: the {'train' if len(train) == 0 else 'val'} split is empty")
     return train, val, img_size, BatchAugment(img_size, color_jitter)

@@ -35,7 +35,7 @@ RESUME_KEYS = ("arch", "dataset", "augment", "color_jitter")
 # size, seed or number of processes would resume a different run (a cosine schedule climbing
 # back up, the wrong samples skipped).
 SAME_WHEN_RESUMING = ("max_epoch", "batch_size", "lr", "momentum", "weight_decay", "norm_weight_decay", "lr_step",
-                      "seed", "amp", "world_size")
+                      "seed", "amp", "decode", "world_size")
 
 def run_files(best_path: str | os.PathLike) -> tuple[Path, Path, Path]:
     """``OUT.pth`` -> (``OUT.pth``, ``OUT.last.pth``, ``OUT.log.jsonl``)."""

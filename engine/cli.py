@@ -5,6 +5,7 @@ import argparse
 from dataclasses import fields
 
 from data.cache import CACHE_MODES, DEFAULT_CACHE_DIR
+from data.device_decode import DECODE_MODES
 from engine.runs import TrainJob
 from utils import add_device_flag, float_in, non_negative_int, positive_int
 
@@ -46,6 +47,12 @@ def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -
                         "disk when it is already written or takes at most half of --cache_dir's free space, "
                         "else off (the files read every epoch). Same results either "
                         "way; with --augment pil only the validation images are cached")
+    parser.add_argument("--decode", choices=DECODE_MODES, default="loader",
+                        help="where the image files are decoded and resized: loader (default), by PIL in the "
+                        "loading processes; device, their JPEGs on the training device (nvJPEG on a GPU) and "
+                        "every image resized there, at every epoch (so with --cache off, which auto then "
+                        "means; other files are decoded while loading). Not yet measured on a GPU: "
+                        "docs/performance.md")
     parser.add_argument("--cache_dir", metavar="DIR", default=DEFAULT_CACHE_DIR,
                         help="where --cache disk (and auto, when memory is short) keeps the decoded images, "
                         "one folder per data set and split (default: %(default)s)")

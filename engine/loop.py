@@ -37,6 +37,7 @@ from data.loading import (
     unpack_batch,
 )
 from data.datasets import ignored_files_notice
+from data.device_decode import EncodedBatch
 from engine.checkpoint import Checkpointer, RunProgress, StopRequests
 from engine.optim import Optimization, build_optimization
 from engine.processes import ProcessInfo
@@ -112,6 +113,8 @@ def prepare_batch(images: torch.Tensor, labels: torch.Tensor, device: torch.devi
     ``seed`` (training), or normalised (validation images, which are only resized)."""
     from data.transforms import normalize_batch
 
+    if isinstance(images, EncodedBatch):  # --decode device: JPEGs decoded and resized here
+        images = images.decode(device)
     images = images.to(device, non_blocking=True)
     if seed is not None:
         images = augment(images, torch.Generator().manual_seed(seed))

@@ -52,6 +52,7 @@ class TrainJob:
     seed: int = 0
     color_jitter: float = 0.0
     augment: str = "batch"
+    decode: str = "loader"  # data.device_decode.DECODE_MODES
     device: str = "auto"
     workers: int | None = None  # None: data.loading.default_workers
     cache: str = "auto"
@@ -128,6 +129,11 @@ def run_training(job: TrainJob, *, best_path: str | os.PathLike, outputs: Mappin
             raise UserError("--cache on: --augment pil reads and augments every training image at every "
                             "step, so the training images are never held in memory; use --cache auto (which "
                             "holds the validation images when they fit) or off, or --augment batch")
+        if job.decode == "device":
+            if job.cache in ("on", "disk"):
+                raise UserError(f"--cache {job.cache}: --decode device decodes the files at every epoch, so "
+                                "nothing is cached; use --cache off (or auto), or --decode loader")
+            job.cache = "off"
         check_outputs(outputs, job.overwrite, job.resume is not None)
         lock = lock_outputs(best_path, outputs.get(Path(best_path), "-b"), process)
         resume = None
@@ -135,7 +141,8 @@ def run_training(job: TrainJob, *, best_path: str | os.PathLike, outputs: Mappin
             resume = load_checkpoint(job.resume)
             check_resume(resume, job, process.world_size)
         train, val, job.img_size, augment = build_train_val(
-            job.dataset, job.data_dir, job.img_size, job.color_jitter, job.skip_corrupt, job.seed, job.augment)
+            job.dataset, job.data_dir, job.img_size, job.color_jitter, job.skip_corrupt, job.seed, job.augment,
+            job.decode)
         seed_everything(job.seed)
         model = build_model(job.arch, num_classes=len(train.classes))
         barrier(process)

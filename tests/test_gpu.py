@@ -1,6 +1,6 @@
 """The CUDA paths, on a GPU (skipped without one): training steps that never wait for the
 device between checks, the image cache on the GPU, TF32 as the flag says, each rank's CUDA
-random state, a ViT fine-tuned at its input size."""
+random state, a ViT fine-tuned at its input size, JPEGs decoded on the GPU."""
 from __future__ import annotations
 
 import pytest
@@ -151,3 +151,20 @@ def test_estimators_on_gpu_tensors_agree_with_the_cpu():
                           torch.from_numpy(labels).to(GPU), k=5)
     for key, value in on_cpu.items():
         assert on_gpu[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
+
+
+def test_jpegs_decoded_on_the_gpu_match_the_cpu(tmp_path):
+    """--decode device on a GPU (nvJPEG, and the resize there) against the same batch on the
+    CPU (libjpeg-turbo, PIL's pixels): nvJPEG's inverse DCT may round differently, by a
+    level or two in a few values."""
+    from data.datasets import build_dataset
+    from data.device_decode import DeviceDecoded
+    from tests.test_device_decode import write_folder
+
+    write_folder(tmp_path)
+    dataset = DeviceDecoded(build_dataset("imagefolder", str(tmp_path), "train", None, False, 0), 32)
+    batch, _, _ = dataset.collate([dataset[i] for i in range(len(dataset))])
+    on_gpu, on_cpu = batch.decode(GPU), batch.decode(torch.device("cpu"))
+    assert on_gpu.device.type == "cuda" and on_gpu.shape == on_cpu.shape
+    difference = (on_gpu.cpu().int() - on_cpu.int()).abs().float()
+    assert difference.mean() < 0.5 and difference.max() <= 8, (difference.mean(), difference.max())

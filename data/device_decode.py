@@ -1,0 +1,176 @@
+"""JPEG files decoded on the training device (``--decode device``): nvJPEG on a GPU,
+libjpeg-turbo through ``torchvision.io.decode_jpeg`` on the CPU.
+
+The loading workers only read each file and check its header (:func:`device_decodable`):
+a JPEG in colour (YCbCr) or greyscale, with no EXIF orientation to apply and ending in its
+end-of-image marker, goes to the device as its bytes. Any other file (PNG, a CMYK JPEG, a
+turned photograph, a truncated download) is decoded in the worker by
+:func:`data.image_io.load_rgb`, exactly as ``--decode loader`` does, so a corrupt file is
+reported (or skipped, ``--skip_corrupt``) there as always. On the device, a batch's JPEGs
+are decoded in one call and every image is resized to the square training size there with
+torchvision's antialiased bilinear resize on tensors (:func:`square`); ``--decode loader``
+resizes with PIL's on the CPU, which rounds differently (docs/differences.md).
+
+Nothing is cached: this is the path for data sets read from their files at every epoch
+(``--cache off``), where the decoding is what limits the speed.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from data.image_io import ORIENTATION_TAG, CorruptImageError, load_rgb
+
+DECODE_MODES = ("loader", "device")
+_START, _END = b"\xff\xd8", b"\xff\xd9"  # a JPEG's start- and end-of-image markers
+
+
+def device_decodable(data: bytes) -> bool:
+    """Whether ``data`` (a file's bytes) is a JPEG that the device decodes to the pixels
+    :func:`load_rgb` gives: colour (PIL mode RGB, stored as YCbCr) or greyscale, complete
+    (it ends in the end-of-image marker), without an EXIF orientation other than upright
+    (nvJPEG does not turn images)."""
+    if len(data) < 4 or data[:2] != _START or data[-2:] != _END:
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            return (image.format == "JPEG" and image.mode in ("RGB", "L")
+                    and image.getexif().get(ORIENTATION_TAG, 1) not in range(2, 9))
+    except Exception:  # noqa: BLE001 - anything PIL cannot parse goes to load_rgb, which names the fault
+        return False
+
+
+class DeviceDecoded(Dataset):
+    """A data set that reads image files (``dataset.samples``: ``(path, label)`` pairs; its
+    ``skip_corrupt``) giving, per sample, ``(item, label, path)``: ``item`` the file's bytes as a
+    1-D uint8 tensor when :func:`device_decodable`, else the image decoded by
+    :func:`load_rgb` as a ``[3, H, W]`` uint8 tensor (None for a corrupt file with
+    ``skip_corrupt``). Batches come from :meth:`collate` as :class:`EncodedBatch` es."""
+
+    def __init__(self, dataset: Dataset, img_size: int) -> None:
+        self.dataset, self.img_size = dataset, img_size
+        self.samples = dataset.samples
+        self.classes, self.targets = dataset.classes, dataset.targets
+        self.skip_corrupt = getattr(dataset, "skip_corrupt", False)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError:
+            data = b""  # load_rgb below says what is wrong with the file
+        if device_decodable(data):
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, path
+        try:
+            image = load_rgb(path)
+        except CorruptImageError:
+            if self.skip_corrupt:
+                return None
+            raise
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous(), label, path
+
+    def collate(self, batch: Sequence):
+        """``(EncodedBatch, labels, dropped)`` as :func:`data.loading.collate_batch` gives
+        ``(images, labels, dropped)``; a :class:`data.loading.LoadFailure` passes through."""
+        from data.loading import LoadFailure
+
+        failure = next((sample for sample in batch if isinstance(sample, LoadFailure)), None)
+        if failure is not None:
+            return failure
+        kept = [sample for sample in batch if sample is not None]
+        dropped = len(batch) - len(kept)
+        if not kept:
+            return torch.empty(0), torch.empty(0, dtype=torch.long), dropped
+        items, labels, paths = zip(*kept)
+        return EncodedBatch(list(items), self.img_size, list(paths)), torch.tensor(labels), dropped
+
+
+@dataclass
+class EncodedBatch:
+    """A batch as :class:`DeviceDecoded` gives it: per image, a JPEG's bytes (1-D uint8)
+    or its decoded pixels (``[3, H, W]`` uint8); ``size``: the square side to resize to;
+    ``paths``: the files, for errors."""
+
+    items: list[torch.Tensor]
+    size: int
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def pin_memory(self) -> "EncodedBatch":
+        """As it is (a DataLoader with ``pin_memory`` asks): the decoder reads the bytes
+        from ordinary memory, and the few images decoded on the CPU are copied one by one."""
+        return self
+
+    def decode(self, device: torch.device) -> torch.Tensor:
+        """The batch as ``[B, 3, size, size]`` uint8 on ``device``: its JPEGs decoded there
+        in one call (:func:`decode_jpegs`), every image resized there (:func:`square`)."""
+        images = list(self.items)
+        encoded = [i for i, item in enumerate(images) if item.dim() == 1]
+        if encoded:
+            for i, image in zip(encoded, decode_jpegs([images[i] for i in encoded], device,
+                                                      [self.paths[i] for i in encoded])):
+                images[i] = image
+        return torch.stack([square(image.to(device, non_blocking=True), self.size) for image in images])
+
+
+def decode_jpegs(data: list[torch.Tensor], device: torch.device, paths: Sequence[str]) -> list[torch.Tensor]:
+    """JPEG bytes (1-D uint8 CPU tensors, of the files ``paths``) as ``[3, H, W]`` uint8 RGB
+    images on ``device``, decoded together (``torchvision.io.decode_jpeg``). When the batch
+    fails (a file whose header passed but whose data the decoder refuses) each is decoded on
+    its own, and one that still fails raises :class:`CorruptImageError` naming its file."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its image decoders in favour of TorchCodec (not a dependency)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            pass
+        images = []
+        for item, path in zip(data, paths):
+            try:
+                images.append(decode_jpeg(item, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as err:
+                reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+                raise CorruptImageError(path, f"its JPEG data cannot be decoded on {device} ({reason}); "
+                                              "--skip_corrupt does not catch this with --decode device: use "
+                                              "--decode loader") from None
+        return images
+
+
+def square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """``[3, H, W]`` uint8 resized to ``[3, size, size]`` (bilinear, antialiased when
+    shrinking, as torchvision's ``Resize((size, size))`` on a tensor), on its device."""
+    from torchvision.transforms.v2 import functional as F
+
+    if image.shape[-2:] == (size, size):
+        return image
+    return F.resize(image, [size, size], antialias=True)
+
+
+def device_decoded(dataset: Dataset, img_size: int, name: str) -> DeviceDecoded:
+    """``dataset`` (built without a transform) for ``--decode device``; raises
+    :class:`utils.UserError` naming ``--decode`` for a data set not read from image files."""
+    from data.datasets import reads_files
+    from utils import UserError
+
+    if not reads_files(dataset) or not hasattr(dataset, "samples"):
+        raise UserError(f"--decode device: --dataset {name} is not read from image files (CIFAR's pickles, the "
+                        "synthetic set); drop --decode device")
+    return DeviceDecoded(dataset, img_size)
+
+
