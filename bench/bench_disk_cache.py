@@ -9,7 +9,9 @@ in the ``imagefolder`` layout to a temporary folder, builds the training split a
 one epoch of ``(images, labels, skipped)`` batches in a shuffled order as training reads them:
 
 * files: a DataLoader decoding and resizing every file (``--cache off``), with no loading
-  process (the CPU default) and with as many as there are cores;
+  process (the CPU default) and with as many as there are cores; and ``--decode device`` on
+  the CPU (the loader reads the bytes, the training process decodes each batch's JPEGs with
+  torchvision's libjpeg-turbo decoder and resizes them as tensors);
 * disk: batches cut out of the memory-mapped cache file, once with the file in the page cache
   (warm) and once after the kernel was told to drop it (``posix_fadvise(DONTNEED)``, cold;
   on a virtual machine the host may still hold it);
@@ -37,6 +39,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.cache import stored_split  # noqa: E402
 from data.datasets import build_dataset  # noqa: E402
+from data.device_decode import DeviceDecoded, EncodedBatch  # noqa: E402
 from data.loading import EpochSampler, fill_cache, make_loader  # noqa: E402
 from data.transforms import build_loading_transform  # noqa: E402
 
@@ -85,6 +88,8 @@ def epoch_rate(loader, sampler: EpochSampler, epoch: int, before=None) -> float:
         before()
     seen, start = 0, time.perf_counter()
     for images, labels, skipped in loader:
+        if isinstance(images, EncodedBatch):  # --decode device: decoded here, as the training step does
+            images = images.decode(torch.device("cpu"))
         seen += len(labels)
     return seen / (time.perf_counter() - start)
 
@@ -105,6 +110,10 @@ def measure(root: Path, args) -> dict:
     rates[f"files, {cores} loading processes"] = median_rate(loader(None, cores), sampler, args.repeats)
     rates["files, cold page cache"] = median_rate(loader(None), sampler, args.repeats,
                                                   lambda: drop_from_page_cache(files))
+    encoded = DeviceDecoded(build_dataset("imagefolder", root / "data", "train"), args.img_size)
+    rates["files, --decode device (CPU), no loading process"] = median_rate(
+        make_loader(encoded, sampler, None, batch_size=args.batch_size, workers=0, generator=torch.Generator(),
+                    pin_memory=False), sampler, args.repeats)
     start = time.perf_counter()
     memory = fill_cache(dataset, 0, "", False, lambda: False)
     once["decode into memory"] = time.perf_counter() - start

@@ -28,6 +28,10 @@ is synchronised only at the timing boundaries):
                epoch, then the epochs' own ``images_per_s`` (an epoch's clock waits for the
                device at its end);
 * project, ``--amp bf16 --compile``;
+* jpeg only, the project's defaults but for where the images come from: ``--cache disk`` (a
+  memory-mapped file of decoded images, as for a data set too big for memory), ``--cache off``
+  (every file decoded at every epoch by the loading processes, PIL), and ``--cache off
+  --decode device`` (the JPEGs decoded and resized on the device, nvJPEG on a GPU);
 * the ceilings of both: the same model, optimizer and precision stepping on random tensors
   already on the device, no data loading at all (project / ceiling = what the data path costs).
 
@@ -134,6 +138,9 @@ class Row:
     kind: str  # "seed", "project" or "ceiling"
     amp: str = "off"
     compile: bool = False
+    cache: str = "auto"  # project rows: --cache
+    decode: str = "loader"  # project rows: --decode
+    configs: tuple[str, ...] = ()  # the configurations it runs in (empty: all)
 
 
 ROWS = (
@@ -142,6 +149,10 @@ ROWS = (
     Row("ceiling_default", "ceiling of the defaults: tensors on the device", "ceiling"),
     Row("project_bf16_compile", "project: --amp bf16 --compile", "project", "bf16", True),
     Row("ceiling_bf16_compile", "ceiling of bf16+compile: tensors on the device", "ceiling", "bf16", True),
+    Row("project_disk", "project: --cache disk (memory-mapped file)", "project", cache="disk", configs=("jpeg",)),
+    Row("project_files", "project: --cache off (decoded while loading)", "project", cache="off", configs=("jpeg",)),
+    Row("project_decode_device", "project: --cache off --decode device", "project", cache="off", decode="device",
+        configs=("jpeg",)),
 )
 PROJECT_ROWS = [row.key for row in ROWS if row.kind == "project"]
 # name: (numerator row, denominator row, what it says); "best" is the faster project row
@@ -150,6 +161,10 @@ RATIOS = {
     "best_vs_seed": ("best", "seed_style", "best project row / seed-style"),
     "default_vs_ceiling": ("project_default", "ceiling_default", "project defaults / its ceiling"),
     "bf16_compile_vs_ceiling": ("project_bf16_compile", "ceiling_bf16_compile", "project bf16+compile / its ceiling"),
+    "disk_vs_ceiling": ("project_disk", "ceiling_default", "project --cache disk / the defaults' ceiling"),
+    "files_vs_ceiling": ("project_files", "ceiling_default", "project --cache off / the defaults' ceiling"),
+    "decode_device_vs_files": ("project_decode_device", "project_files",
+                               "--decode device / decoding while loading (both --cache off)"),
 }
 TARGETS = {  # the targets, by configuration: ratio -> at least
     "cifar": {"best_vs_seed": 4.0},
@@ -319,17 +334,20 @@ def ceiling_row(config: Config, data: Data, device: torch.device, row: Row, warm
     return timed(step, itertools.repeat(None), warmup, steps, device)
 
 
-def project_row(config: Config, splits: Callable[[], tuple], device_name: str, row: Row, workdir: Path) -> dict:
-    """``engine.fit`` as finetune.py runs it on ``splits()`` (:func:`data.loading.build_train_val`'s
-    answer): one warm-up epoch, then ``config.epochs`` timed ones (their training phases only:
-    validation and checkpoints are not timed)."""
-    train, val, _, augment = splits()
+def project_row(config: Config, data: Data, splits: Callable[[str], tuple], device_name: str, row: Row,
+                workdir: Path) -> dict:
+    """``engine.fit`` as finetune.py runs it on ``splits(row.decode)``
+    (:func:`data.loading.build_train_val`'s answer): one warm-up epoch (which writes the
+    disk cache of ``--cache disk``), then ``config.epochs`` timed ones (their training phases
+    only: validation and checkpoints are not timed)."""
+    train, val, _, augment = splits(row.decode)
     process = join_process_group(device_name)
     torch.manual_seed(0)
     model = build_model(config.arch, len(train.classes))
     settings = TrainSettings(epochs=1 + config.epochs, batch_size=config.batch, lr=LR, weight_decay=WEIGHT_DECAY,
                              workers=default_workers(process.device), amp=row.amp, compile=row.compile,
-                             label=f"bench {config.name}", progress=False)
+                             cache=row.cache, cache_dir=str(workdir / "image_cache"), dataset=data.dataset,
+                             data_dir=data.data_dir, label=f"bench {config.name}", progress=False)
     notes: list[str] = []
     best = workdir / f"{config.name}_{row.key}.pth"
     try:
@@ -345,7 +363,9 @@ def project_row(config: Config, splits: Callable[[], tuple], device_name: str, r
     seconds = sum(len(train) / entry["images_per_s"] for entry in epochs)
     return {"images_per_s": len(train) * len(epochs) / seconds, "images": len(train) * len(epochs),
             "seconds": seconds, "warmup_epoch_s": len(train) / result.history[0]["images_per_s"],
-            "cached": any("images in memory" in note for note in notes)}
+            "cached": any("images in memory" in note for note in notes),
+            "cache": next(("disk" if "memory-mapped" in note else "memory" for note in notes if "holding the" in note),
+                          "off")}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -386,7 +406,7 @@ def measure(row: Row, run: Callable[[], dict], device: torch.device) -> dict:
         print(f"  {row.label:<54} FAILED: {result['error']}", flush=True)
     else:
         extra = f"; warm-up epoch {result['warmup_epoch_s']:.1f} s" if "warmup_epoch_s" in result else ""
-        extra += "" if result.get("cached", True) else "; images NOT held in memory"
+        extra += f"; images held: {result['cache']}" if "cache" in result else ""
         print(f"  {row.label:<54} {result['images_per_s']:9.1f} img/s  ({result['images']} images in "
               f"{result['seconds']:.1f} s{extra})", flush=True)
     return result
@@ -398,7 +418,7 @@ def ratios(rows: dict) -> dict:
     best = max(project, key=project.get) if project else None
     rates["best"] = project.get(best)
     out = {name: (rates[top] / rates[bottom] if rates.get(top) and rates.get(bottom) else None)
-           for name, (top, bottom, _) in RATIOS.items()}
+           for name, (top, bottom, _) in RATIOS.items() if top in rates and bottom in rates}
     return {**out, "best_row": best}
 
 
@@ -407,13 +427,15 @@ def run_config(config: Config, args: argparse.Namespace, device: torch.device, r
     data = prepare_data(config, root)
     print(f"{config.title}: {data.train_images} training images (data ready in "
           f"{time.perf_counter() - tick:.1f} s)", flush=True)
-    splits = functools.cache(lambda: build_train_val(data.dataset, data.data_dir, config.img_size, 0.0, False, 0))
+    splits = functools.cache(lambda decode: build_train_val(data.dataset, data.data_dir, config.img_size, 0.0, False, 0,
+                                                            decode=decode))
     runners = {
         "seed": lambda row: seed_style_row(config, data, device, args.warmup),
-        "project": lambda row: project_row(config, splits, args.device, row, root),
+        "project": lambda row: project_row(config, data, splits, args.device, row, root),
         "ceiling": lambda row: ceiling_row(config, data, device, row, args.warmup),
     }
-    rows = {row.key: measure(row, functools.partial(runners[row.kind], row), device) for row in ROWS}
+    rows = {row.key: measure(row, functools.partial(runners[row.kind], row), device) for row in ROWS
+            if not row.configs or config.name in row.configs}
     return {"title": config.title, "arch": config.arch, "img_size": config.img_size, "batch": config.batch,
             "train_images": data.train_images, "sizes": {flag: getattr(config, flag) for flag in SIZE_FLAGS},
             "rows": rows, "ratios": ratios(rows), "targets": TARGETS.get(config.name, {}),
@@ -425,6 +447,8 @@ def print_ratios(summary: dict) -> None:
     for name, result in summary["configs"].items():
         print(f"  {result['title']}")
         for ratio, (_, _, what) in RATIOS.items():
+            if ratio not in result["ratios"]:
+                continue  # a row this configuration does not run
             value, target = result["ratios"][ratio], result["targets"].get(ratio)
             text = "n/a (a row failed)" if value is None else f"{value:6.2f}x"
             if ratio == "best_vs_seed" and result["ratios"]["best_row"]:

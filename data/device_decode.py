@@ -52,7 +52,7 @@ class DeviceDecoded(Dataset):
     ``skip_corrupt``) giving, per sample, ``(item, label, path)``: ``item`` the file's bytes as a
     1-D uint8 tensor when :func:`device_decodable`, else the image decoded by
     :func:`load_rgb` as a ``[3, H, W]`` uint8 tensor (None for a corrupt file with
-    ``skip_corrupt``). Batches come from :meth:`collate` as :class:`EncodedBatch` es."""
+    ``skip_corrupt``). :meth:`collate` makes its batches, each an :class:`EncodedBatch`."""
 
     def __init__(self, dataset: Dataset, img_size: int) -> None:
         self.dataset, self.img_size = dataset, img_size

@@ -12,6 +12,10 @@ from bench import bench_gpu
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = {"seed_style", "project_default", "ceiling_default", "project_bf16_compile", "ceiling_bf16_compile"}
 RATIOS = {"default_vs_seed", "best_vs_seed", "default_vs_ceiling", "bf16_compile_vs_ceiling"}
+# the image folder's own rows: where the images come from (a disk cache, the files decoded while
+# loading or on the device)
+JPEG_ROWS = {"project_disk", "project_files", "project_decode_device"}
+JPEG_RATIOS = {"disk_vs_ceiling", "files_vs_ceiling", "decode_device_vs_files"}
 
 
 def summary_of(stdout: str) -> dict:
@@ -30,18 +34,22 @@ def test_tiny_run_on_the_cpu_measures_every_row(tmp_path):
     assert summary["torch"] and summary["device"].startswith("CPU") and summary["tiny"]
     assert set(summary["configs"]) == {"cifar", "jpeg", "embedded"}
     for name, config in summary["configs"].items():
-        assert set(config["rows"]) == ROWS
+        assert set(config["rows"]) == ROWS | (JPEG_ROWS if name == "jpeg" else set())
         for key, row in config["rows"].items():
             assert "error" not in row, (name, key, row)
             assert row["images_per_s"] > 0 and row["images"] > 0, (name, key, row)
-        assert config["rows"]["project_default"]["cached"], name  # the defaults hold the images in memory
-        assert set(config["ratios"]) == RATIOS | {"best_row"}
-        assert all(config["ratios"][ratio] > 0 for ratio in RATIOS), (name, config["ratios"])
+        assert config["rows"]["project_default"]["cache"] == "memory", name  # the defaults hold the images in memory
+        ratios = RATIOS | (JPEG_RATIOS if name == "jpeg" else set())
+        assert set(config["ratios"]) == ratios | {"best_row"}
+        assert all(config["ratios"][ratio] > 0 for ratio in ratios), (name, config["ratios"])
+    jpeg = summary["configs"]["jpeg"]["rows"]
+    assert (jpeg["project_disk"]["cache"], jpeg["project_files"]["cache"], jpeg["project_decode_device"]["cache"]) \
+        == ("disk", "off", "off")
     assert summary["configs"]["cifar"]["targets"] == {"best_vs_seed": 4.0}
     assert set(summary["configs"]["jpeg"]["targets"]) == {"default_vs_ceiling", "bf16_compile_vs_ceiling",
                                                           "best_vs_seed"}
     rows = [line for line in done.stdout.splitlines() if " img/s  (" in line]
-    assert len(rows) == 15  # one line per measurement
+    assert len(rows) == 18  # one line per measurement
     assert "target 4x:" in done.stdout and "target 0.85x:" in done.stdout and "target 2.5x:" in done.stdout
     assert not (tmp_path / "bench_gpu_data").exists()  # the written data are removed without --keep
 
