@@ -20,8 +20,7 @@ import engine
 import finetune
 from data.cache import AUTO_DISK_SHARE, DEFAULT_CACHE_DIR, ImageCache, StoredImages, cache_kind
 from tests.test_cache import make_samples
-from tests.test_training import (REPO, assert_same_weights, expect_error, finetune_argv, pretrain, run_script,
-                                 torchrun_nodes)
+from tests.test_training import REPO, assert_same_weights, expect_error, finetune_argv, pretrain, torchrun_nodes
 from utils import load_state_dict_safely, run_cli
 
 
