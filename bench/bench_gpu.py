@@ -27,11 +27,14 @@ is synchronised only at the timing boundaries):
                in memory when they fit, the augmentation per batch on the device); one warm-up
                epoch, then the epochs' own ``images_per_s`` (an epoch's clock waits for the
                device at its end);
-* project, ``--amp bf16 --compile``;
+* project, ``--amp bf16 --compile``; cifar only, also with ``--compile_mode reduce-overhead``
+  (CUDA graphs of the forward and backward passes: at batch 18 a step is bound by kernel
+  launches);
 * jpeg only, the project's defaults but for where the images come from: ``--cache disk`` (a
   memory-mapped file of decoded images, as for a data set too big for memory), ``--cache off``
   (every file decoded at every epoch by the loading processes, PIL), and ``--cache off
-  --decode device`` (the JPEGs decoded and resized on the device, nvJPEG on a GPU);
+  --decode device`` (the JPEGs decoded and resized on the device, nvJPEG on a GPU); two timed
+  epochs each;
 * the ceilings of both: the same model, optimizer and precision stepping on random tensors
   already on the device, no data loading at all (project / ceiling = what the data path costs).
 
@@ -42,7 +45,8 @@ on) and off for the seed-style loop (PyTorch's default). Sizes are flags (``--ci
 time as many images as the project's epochs, and the whole run, compiles included, should stay
 under 8 minutes. A row that fails (``torch.compile`` on a machine without a working
 compiler, say) is reported in one line and the others go on. The last thing printed is a JSON
-summary (also written to --json).
+summary (also written to --json, and there after each configuration as well, marked
+``"partial": true``, so that a time limit keeps what was measured).
 """
 from __future__ import annotations
 
@@ -140,7 +144,9 @@ class Row:
     compile: bool = False
     cache: str = "auto"  # project rows: --cache
     decode: str = "loader"  # project rows: --decode
+    compile_mode: str = "default"  # project rows: --compile_mode
     configs: tuple[str, ...] = ()  # the configurations it runs in (empty: all)
+    epochs: int | None = None  # project rows: timed epochs, when fewer than the configuration's
 
 
 ROWS = (
@@ -149,10 +155,14 @@ ROWS = (
     Row("ceiling_default", "ceiling of the defaults: tensors on the device", "ceiling"),
     Row("project_bf16_compile", "project: --amp bf16 --compile", "project", "bf16", True),
     Row("ceiling_bf16_compile", "ceiling of bf16+compile: tensors on the device", "ceiling", "bf16", True),
-    Row("project_disk", "project: --cache disk (memory-mapped file)", "project", cache="disk", configs=("jpeg",)),
-    Row("project_files", "project: --cache off (decoded while loading)", "project", cache="off", configs=("jpeg",)),
+    Row("project_bf16_graphs", "project: bf16, --compile_mode reduce-overhead", "project", "bf16", True,
+        compile_mode="reduce-overhead", configs=("cifar",)),
+    Row("project_disk", "project: --cache disk (memory-mapped file)", "project", cache="disk", configs=("jpeg",),
+        epochs=2),
+    Row("project_files", "project: --cache off (decoded while loading)", "project", cache="off", configs=("jpeg",),
+        epochs=2),
     Row("project_decode_device", "project: --cache off --decode device", "project", cache="off", decode="device",
-        configs=("jpeg",)),
+        configs=("jpeg",), epochs=2),
 )
 PROJECT_ROWS = [row.key for row in ROWS if row.kind == "project"]
 # name: (numerator row, denominator row, what it says); "best" is the faster project row
@@ -344,8 +354,10 @@ def project_row(config: Config, data: Data, splits: Callable[[str], tuple], devi
     process = join_process_group(device_name)
     torch.manual_seed(0)
     model = build_model(config.arch, len(train.classes))
-    settings = TrainSettings(epochs=1 + config.epochs, batch_size=config.batch, lr=LR, weight_decay=WEIGHT_DECAY,
+    timed = min(config.epochs, row.epochs or config.epochs)
+    settings = TrainSettings(epochs=1 + timed, batch_size=config.batch, lr=LR, weight_decay=WEIGHT_DECAY,
                              workers=default_workers(process.device), amp=row.amp, compile=row.compile,
+                             compile_mode=row.compile_mode,
                              cache=row.cache, cache_dir=str(workdir / "image_cache"), dataset=data.dataset,
                              data_dir=data.data_dir, label=f"bench {config.name}", progress=False)
     notes: list[str] = []
@@ -526,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         with compile_backend(backend):
             for config in chosen_configs(args):
                 summary["configs"][config.name] = run_config(config, args, device, root)
+                if args.json:  # what is measured so far survives a time limit that ends the run
+                    args.json.write_text(json.dumps({**summary, "partial": True}, indent=1) + "\n")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

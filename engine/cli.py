@@ -6,6 +6,7 @@ from dataclasses import fields
 
 from data.cache import CACHE_MODES, DEFAULT_CACHE_DIR
 from data.device_decode import DECODE_MODES
+from engine.loop import COMPILE_MODES
 from engine.runs import TrainJob
 from utils import add_device_flag, float_in, non_negative_int, positive_int
 
@@ -63,7 +64,13 @@ def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -
                         "seed's PyTorch 1.8 had it; --no-tf32 computes in full fp32; no effect on the CPU)")
     parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                         help="channels-last memory layout (default: on; same maths, faster convolutions)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (full batches; a smaller last batch runs eagerly)")
+    parser.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
+                        help="torch.compile's mode, with --compile: reduce-overhead and max-autotune also record "
+                        "CUDA graphs of the forward and backward passes on a GPU (far fewer kernel launches: for "
+                        "small batches); max-autotune(-no-cudagraphs) tries more kernels while compiling "
+                        "(default: %(default)s). Not yet measured on a GPU: docs/performance.md"),
     parser.add_argument("--sync_bn", action="store_true", help="synchronise BatchNorm across processes")
     parser.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (the run's .last.pth)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")

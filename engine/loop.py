@@ -357,18 +357,34 @@ def place_model(model: nn.Module, settings: TrainSettings, process: ProcessInfo)
     return model
 
 
-class StaticShapes:
-    """A model called through ``torch.compile`` with static shapes for full batches and
-    eagerly for any other batch size (an epoch's smaller last batch, a batch that lost corrupt
-    images, the one-image stand-in step): one compiled graph, never a recompilation. Without
-    ``compile`` every call is eager. ``train``/``eval``/``modules`` act on the eager module."""
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""``torch.compile``'s modes (``--compile_mode``)."""
+GRAPHED_MODES = ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs on a GPU
 
-    def __init__(self, module: nn.Module, batch_size: int, compile: bool) -> None:
-        self.module, self.batch_size = module, batch_size
-        self.compiled = torch.compile(module, dynamic=False) if compile else None
+
+class StaticShapes:
+    """A model called through ``torch.compile`` (in ``mode``, one of :data:`COMPILE_MODES`)
+    with static shapes for full batches and eagerly for any other batch size (an epoch's
+    smaller last batch, a batch that lost corrupt images, the one-image stand-in step): one
+    compiled graph, never a recompilation. Without ``compile`` every call is eager.
+    ``train``/``eval``/``modules`` act on the eager module.
+
+    In a mode that records CUDA graphs, each compiled call starts a new step for them
+    (``torch.compiler.cudagraph_mark_step_begin``): the previous step's outputs, which
+    replaying the graph overwrites, are no longer used by then (the loop reads a step's
+    logits and loss within the step)."""
+
+    def __init__(self, module: nn.Module, batch_size: int, compile: bool, mode: str = "default") -> None:
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"mode must be one of {COMPILE_MODES}, got {mode!r}")
+        self.module, self.batch_size, self.graphed = module, batch_size, compile and mode in GRAPHED_MODES
+        self.compiled = (torch.compile(module, dynamic=False, mode=None if mode == "default" else mode)
+                         if compile else None)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None and images.shape[0] == self.batch_size:
+            if self.graphed:
+                torch.compiler.cudagraph_mark_step_begin()
             return self.compiled(images)
         return self.module(images)
 
@@ -389,7 +405,7 @@ def training_model(model: nn.Module, settings: TrainSettings, process: ProcessIn
     if process.distributed:
         device = process.device
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return StaticShapes(model, settings.batch_size, settings.compile)
+    return StaticShapes(model, settings.batch_size, settings.compile, settings.compile_mode)
 
 
 def close_epoch(eval_model: StaticShapes, val_loader, stats: EpochStats, optimization: Optimization,
@@ -484,7 +500,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, settings: TrainS
     if notice:
         announce(notice)
     train_model = training_model(model, settings, process)
-    eval_model = StaticShapes(model, settings.batch_size, settings.compile)  # validation: its own graph, eval mode
+    eval_model = StaticShapes(model, settings.batch_size, settings.compile, settings.compile_mode)  # its own graph
     per_sample = isinstance(train_set, SeededSamples)
     samplers = (EpochSampler(len(train_set), settings.seed, process.rank, process.world_size, sample_seeds=per_sample),
                 EpochSampler(len(val_set), settings.seed, process.rank, process.world_size, shuffle=False))

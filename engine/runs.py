@@ -61,6 +61,7 @@ class TrainJob:
     tf32: bool = True  # TF32 convolutions and matmuls on GPUs (the seed's PyTorch 1.8 default)
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"  # engine.loop.COMPILE_MODES
     sync_bn: bool = False
     resume: str | None = None
     overwrite: bool = False
@@ -78,7 +79,8 @@ def train_settings(job: TrainJob, device, *, schedule: str, label: str, outputs:
         epochs=job.max_epoch, batch_size=job.batch_size, lr=job.lr, weight_decay=job.weight_decay,
         norm_weight_decay=job.norm_weight_decay, momentum=job.momentum, schedule=schedule, step_size=job.lr_step,
         seed=job.seed, workers=job.workers if job.workers is not None else default_workers(device),
-        amp=job.amp, channels_last=job.channels_last, compile=job.compile, sync_bn=job.sync_bn, cache=job.cache,
+        amp=job.amp, channels_last=job.channels_last, compile=job.compile,
+        compile_mode=job.compile_mode, sync_bn=job.sync_bn, cache=job.cache,
         cache_dir=str(job.cache_dir), dataset=job.dataset, data_dir=None if job.data_dir is None else str(job.data_dir),
         label=label, progress=job.progress, skip_corrupt=job.skip_corrupt, args=recorded,
         check_every=GPU_CHECK_EVERY if device.type == "cuda" else 1,
@@ -129,6 +131,8 @@ def run_training(job: TrainJob, *, best_path: str | os.PathLike, outputs: Mappin
             raise UserError("--cache on: --augment pil reads and augments every training image at every "
                             "step, so the training images are never held in memory; use --cache auto (which "
                             "holds the validation images when they fit) or off, or --augment batch")
+        if job.compile_mode != "default" and not job.compile:
+            raise UserError(f"--compile_mode {job.compile_mode}: is torch.compile's mode; add --compile")
         if job.decode == "device":
             if job.cache in ("on", "disk"):
                 raise UserError(f"--cache {job.cache}: --decode device decodes the files at every epoch, so "

@@ -24,6 +24,7 @@ class TrainSettings:
     amp: str = "off"  # "off", "bf16", "fp16"
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode (engine.loop.COMPILE_MODES)
     sync_bn: bool = False
     cache: str = "auto"  # decoded images in memory or on disk: "auto", "on", "off", "disk" (data.cache)
     cache_dir: str = DEFAULT_CACHE_DIR  # where --cache disk (and auto, when memory is short) writes them

@@ -16,6 +16,7 @@ RATIOS = {"default_vs_seed", "best_vs_seed", "default_vs_ceiling", "bf16_compile
 # loading or on the device)
 JPEG_ROWS = {"project_disk", "project_files", "project_decode_device"}
 JPEG_RATIOS = {"disk_vs_ceiling", "files_vs_ceiling", "decode_device_vs_files"}
+OWN_ROWS = {"cifar": {"project_bf16_graphs"}, "jpeg": JPEG_ROWS, "embedded": set()}  # rows of one configuration
 
 
 def summary_of(stdout: str) -> dict:
@@ -34,7 +35,7 @@ def test_tiny_run_on_the_cpu_measures_every_row(tmp_path):
     assert summary["torch"] and summary["device"].startswith("CPU") and summary["tiny"]
     assert set(summary["configs"]) == {"cifar", "jpeg", "embedded"}
     for name, config in summary["configs"].items():
-        assert set(config["rows"]) == ROWS | (JPEG_ROWS if name == "jpeg" else set())
+        assert set(config["rows"]) == ROWS | OWN_ROWS[name]
         for key, row in config["rows"].items():
             assert "error" not in row, (name, key, row)
             assert row["images_per_s"] > 0 and row["images"] > 0, (name, key, row)
@@ -49,7 +50,7 @@ def test_tiny_run_on_the_cpu_measures_every_row(tmp_path):
     assert set(summary["configs"]["jpeg"]["targets"]) == {"default_vs_ceiling", "bf16_compile_vs_ceiling",
                                                           "best_vs_seed"}
     rows = [line for line in done.stdout.splitlines() if " img/s  (" in line]
-    assert len(rows) == 18  # one line per measurement
+    assert len(rows) == 19  # one line per measurement
     assert "target 4x:" in done.stdout and "target 0.85x:" in done.stdout and "target 2.5x:" in done.stdout
     assert not (tmp_path / "bench_gpu_data").exists()  # the written data are removed without --keep
 

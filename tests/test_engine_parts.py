@@ -283,17 +283,19 @@ def test_a_stop_request_takes_effect_at_the_next_check_step():
     assert (stats.stopped_by, stats.step, stats.seen) == (15, 4, 16)
 
 
-def test_compile_sees_full_batches_only_and_validation_has_its_own_graph(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_compile_sees_full_batches_only_and_validation_has_its_own_graph(tmp_path, monkeypatch, mode):
     """--compile: one static graph for training and one for validation; a smaller last batch
-    (and anything else not of the full batch size) runs eagerly instead of recompiling."""
+    (and anything else not of the full batch size) runs eagerly instead of recompiling. In a
+    mode that records CUDA graphs, every compiled call starts a new step for them."""
     import engine.loop as loop
     from data.transforms import BatchAugment
     from models import build_model
 
-    calls = []
+    calls, steps = [], []
 
-    def fake_compile(module, dynamic=None):
-        assert dynamic is False
+    def fake_compile(module, dynamic=None, mode="unset"):
+        assert dynamic is False and mode == (None if mode_asked == "default" else mode_asked)
         index = len(calls)
         calls.append([])
 
@@ -302,7 +304,9 @@ def test_compile_sees_full_batches_only_and_validation_has_its_own_graph(tmp_pat
             return module(images)
         return compiled
 
+    mode_asked = mode
     monkeypatch.setattr(loop.torch, "compile", fake_compile)
+    monkeypatch.setattr(loop.torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(sum(map(len, calls))))
 
     class Tiny(torch.utils.data.Dataset):
         classes = [0, 1]
@@ -317,12 +321,13 @@ def test_compile_sees_full_batches_only_and_validation_has_its_own_graph(tmp_pat
             return torch.full((3, 8, 8), index, dtype=torch.uint8), index % 2
 
     result = loop.fit(build_model("resnet20", 2), Tiny(10), Tiny(6), settings(epochs=1, batch_size=4, compile=True,
-                      cache="off", workers=0), CPU, tmp_path / "b.pth", announce=lambda text: None,
-                      augment=BatchAugment(8))
+                      compile_mode=mode, cache="off", workers=0), CPU, tmp_path / "b.pth",
+                      announce=lambda text: None, augment=BatchAugment(8))
     assert len(result.history) == 1 and len(calls) == 2
     train_calls, eval_calls = calls
     assert train_calls == [(4, True), (4, True)]  # the last batch of 2 ran eagerly
     assert eval_calls == [(4, False)]  # validation's last batch of 2 too
+    assert steps == ([0, 1, 2] if mode == "reduce-overhead" else [])  # marked before each compiled call
 
 
 class SignallingSet(torch.utils.data.Dataset):

@@ -543,6 +543,14 @@ def test_compiled_model_trains(pretrained, tmp_path):
     assert "fc.weight" in load_state_dict_safely(tmp_path / "b.pth")
 
 
+def test_compile_mode_needs_compile(capsys, tmp_path, pretrained):
+    _, a = pretrained
+    b = tmp_path / "b.pth"
+    expect_error(capsys, finetune.main, finetune_argv(a, b, "--compile_mode", "reduce-overhead"),
+                 "--compile_mode reduce-overhead", "add --compile")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_norm_weight_decay_puts_normalisation_parameters_in_their_own_group():
     """--norm_weight_decay (as torchvision's reference scripts): BatchNorm's scales and shifts
     decay at their own rate, every other parameter at --weight_decay; without it, one group."""
