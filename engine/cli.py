@@ -37,6 +37,30 @@ def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -
                         "seed's uint8 rounding of each crop. pil reads every training image at every "
                         "epoch: --cache on is refused and auto caches the validation images only")
     add_device_flag(parser)
+    add_data_arguments(parser)
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                        help="mixed precision (default: off: fp32 weights and activations; see --tf32)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="on GPUs from Ampere on, TF32 convolutions and matrix products (default: on, as the "
+                        "seed's PyTorch 1.8 had it; --no-tf32 computes in full fp32; no effect on the CPU)")
+    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                        help="channels-last memory layout (default: on; same maths, faster convolutions)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (full batches; a smaller last batch runs eagerly)")
+    parser.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
+                        help="torch.compile's mode, with --compile: reduce-overhead and max-autotune also record "
+                        "CUDA graphs of the forward and backward passes on a GPU (far fewer kernel launches: for "
+                        "small batches); max-autotune(-no-cudagraphs) tries more kernels while compiling "
+                        "(default: %(default)s). Not yet measured on a GPU: docs/performance.md"),
+    parser.add_argument("--sync_bn", action="store_true", help="synchronise BatchNorm across processes")
+    parser.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (the run's .last.pth)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--skip_corrupt", action="store_true",
+                        help="skip (and count) unreadable images instead of stopping")
+
+
+def add_data_arguments(parser) -> None:
+    """Where the images are read, decoded and held: --workers, --cache, --decode, --cache_dir."""
     parser.add_argument("--workers", type=non_negative_int,
                         help="data-loading processes per training process (default: 0 when training on "
                         "the CPU, whose cores the model already uses; min(8, CPU cores / GPUs) on GPUs)")
@@ -57,25 +81,6 @@ def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -
     parser.add_argument("--cache_dir", metavar="DIR", default=DEFAULT_CACHE_DIR,
                         help="where --cache disk (and auto, when memory is short) keeps the decoded images, "
                         "one folder per data set and split (default: %(default)s)")
-    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
-                        help="mixed precision (default: off: fp32 weights and activations; see --tf32)")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                        help="on GPUs from Ampere on, TF32 convolutions and matrix products (default: on, as the "
-                        "seed's PyTorch 1.8 had it; --no-tf32 computes in full fp32; no effect on the CPU)")
-    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                        help="channels-last memory layout (default: on; same maths, faster convolutions)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model (full batches; a smaller last batch runs eagerly)")
-    parser.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
-                        help="torch.compile's mode, with --compile: reduce-overhead and max-autotune also record "
-                        "CUDA graphs of the forward and backward passes on a GPU (far fewer kernel launches: for "
-                        "small batches); max-autotune(-no-cudagraphs) tries more kernels while compiling "
-                        "(default: %(default)s). Not yet measured on a GPU: docs/performance.md"),
-    parser.add_argument("--sync_bn", action="store_true", help="synchronise BatchNorm across processes")
-    parser.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (the run's .last.pth)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.add_argument("--skip_corrupt", action="store_true",
-                        help="skip (and count) unreadable images instead of stopping")
 
 
 def job_from_args(args: argparse.Namespace) -> TrainJob:
