@@ -228,3 +228,20 @@ def test_a_run_resumes_with_the_same_decoding_only(tmp_path, capsys):
     expect_error(capsys, pretrain_on_ImageNet.main,
                  run_args(data, out, "--resume", str(out / "a.last.pth")),
                  "--decode device", "not loader")
+
+
+def test_device_decoding_under_torchrun_with_a_corrupt_file(tmp_path):
+    """Two gloo processes, --decode device --skip_corrupt, a truncated JPEG in the folder:
+    the run finishes, counts the skipped file once, and only the first process writes."""
+    from tests.test_training import torchrun_nodes
+
+    data = tmp_path / "data"
+    write_folder(data)
+    (data / "dog" / "zz_truncated.jpg").write_bytes(jpeg_bytes(photo(40, 40, 7))[:400])
+    out = tmp_path / "out"
+    out.mkdir()
+    said = torchrun_nodes(1, ["pretrain_on_ImageNet.py", *run_args(data, out, "--decode", "device", "--skip_corrupt",
+                                                                   "--workers", "1")])
+    assert said.count("epoch 2/2") == 1, said
+    assert "corrupt image" in said, said
+    assert {p.name for p in out.iterdir()} == {"r.pth", "a.pth", "a.last.pth", "a.log.jsonl"}
