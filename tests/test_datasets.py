@@ -908,3 +908,23 @@ def test_files_of_other_types_in_class_folders_are_reported_once(tmp_path):
     assert notice.startswith("ignored 2 files of other types in the class folders (.avif, .gif; e.g. ")
     assert ".jpg .jpeg .png" in notice and "\n" not in notice
     assert ignored_files_notice(build_dataset("imagefolder", tmp_path, "train")).startswith("ignored 2 files")
+
+
+@pytest.mark.parametrize("name", FILE_BASED)
+def test_every_file_based_dataset_decodes_on_the_device(layout, name):
+    """--decode device on each layout: the same samples, labels and classes, each image's
+    pixels those of --decode loader within a level (here on the CPU's decoder)."""
+    from data.device_decode import device_decoded
+    from data.transforms import build_loading_transform
+
+    root, expected = layout(name)
+    for split in ("train", "val"):
+        loader = build_dataset(expected.paper_name, root, split, build_loading_transform(8))
+        device = device_decoded(build_dataset(expected.paper_name, root, split), 8, expected.paper_name)
+        assert device.classes == loader.classes and device.targets == loader.targets
+        assert [path for path, _ in device.samples] == paths_of(loader)
+        batch, labels, dropped = device.collate([device[i] for i in range(len(device))])
+        assert dropped == 0 and labels.tolist() == loader.targets
+        images = batch.decode(torch.device("cpu"))
+        expected_images = torch.stack([loader[i][0] for i in range(len(loader))])
+        assert (images.int() - expected_images.int()).abs().max() <= 1
