@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$out/gpu.txt"
 timeout "$(left 150)" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_transferability.py -k "gpu" 2>&1 \
     | tee "$out/gpu_tests.log"
-timeout "$(left 420)" python3 bench/bench_gpu.py --configs jpeg,cifar,embedded --json "$out/bench_gpu.json" 2>&1 \
+timeout "$(left 450)" python3 bench/bench_gpu.py --configs jpeg,cifar,embedded --json "$out/bench_gpu.json" 2>&1 \
     | tee "$out/bench.log"
 timeout "$(left 90)" python3 bench/bench_estimators.py --device cuda 2>&1 | tee "$out/bench_estimators.log"
 echo "gpu_check: $((SECONDS))s of ${TOTAL_SECONDS:-540}s" | tee -a "$out/gpu.txt"
