@@ -7,7 +7,8 @@ end-of-image marker, goes to the device as its bytes. Any other file (PNG, a CMY
 turned photograph, a truncated download) is decoded in the worker by
 :func:`data.image_io.load_rgb`, exactly as ``--decode loader`` does, so a corrupt file is
 reported (or skipped, ``--skip_corrupt``) there as always. On the device, a batch's JPEGs
-are decoded in one call and every image is resized to the square training size there with
+are decoded in one call (a JPEG the device's decoder refuses is decoded by PIL instead, in
+the training process) and every image is resized to the square training size there with
 torchvision's antialiased bilinear resize on tensors (:func:`square`); ``--decode loader``
 resizes with PIL's on the CPU, which rounds differently (docs/differences.md).
 
@@ -78,7 +79,7 @@ class DeviceDecoded(Dataset):
             if self.skip_corrupt:
                 return None
             raise
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous(), label, path
+        return _chw(image), label, path
 
     def collate(self, batch: Sequence):
         """``(EncodedBatch, labels, dropped)`` as :func:`data.loading.collate_batch` gives
@@ -129,8 +130,10 @@ class EncodedBatch:
 def decode_jpegs(data: list[torch.Tensor], device: torch.device, paths: Sequence[str]) -> list[torch.Tensor]:
     """JPEG bytes (1-D uint8 CPU tensors, of the files ``paths``) as ``[3, H, W]`` uint8 RGB
     images on ``device``, decoded together (``torchvision.io.decode_jpeg``). When the batch
-    fails (a file whose header passed but whose data the decoder refuses) each is decoded on
-    its own, and one that still fails raises :class:`CorruptImageError` naming its file."""
+    fails (a file whose header passed but whose data the decoder refuses: a JPEG feature it
+    lacks, or damage) each is decoded on its own, and one that still fails is decoded by
+    :func:`load_rgb` on the CPU, as ``--decode loader`` would; only a file that fails there
+    too raises :class:`CorruptImageError` naming it."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():
@@ -145,11 +148,24 @@ def decode_jpegs(data: list[torch.Tensor], device: torch.device, paths: Sequence
             try:
                 images.append(decode_jpeg(item, mode=ImageReadMode.RGB, device=device))
             except RuntimeError as err:
-                reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-                raise CorruptImageError(path, f"its JPEG data cannot be decoded on {device} ({reason}); "
-                                              "--skip_corrupt does not catch this with --decode device: use "
-                                              "--decode loader") from None
+                images.append(_decoded_on_the_cpu(path, err, device))
         return images
+
+
+def _decoded_on_the_cpu(path: str, err: RuntimeError, device: torch.device) -> torch.Tensor:
+    """The file ``path`` that the device's decoder refused (``err``) decoded by :func:`load_rgb`."""
+    try:
+        return _chw(load_rgb(path))
+    except CorruptImageError:
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise CorruptImageError(path, f"corrupt JPEG data (on {device}: {reason}; PIL fails too), found only when "
+                                      "decoding, which --skip_corrupt cannot skip with --decode device: use --decode "
+                                      "loader") from None
+
+
+def _chw(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a ``[3, H, W]`` uint8 tensor (its own memory)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def square(image: torch.Tensor, size: int) -> torch.Tensor:

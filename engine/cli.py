@@ -51,7 +51,7 @@ def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -
                         help="torch.compile's mode, with --compile: reduce-overhead and max-autotune also record "
                         "CUDA graphs of the forward and backward passes on a GPU (far fewer kernel launches: for "
                         "small batches); max-autotune(-no-cudagraphs) tries more kernels while compiling "
-                        "(default: %(default)s). Not yet measured on a GPU: docs/performance.md"),
+                        "(default: %(default)s). Not yet measured on a GPU: docs/performance.md")
     parser.add_argument("--sync_bn", action="store_true", help="synchronise BatchNorm across processes")
     parser.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (the run's .last.pth)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")

@@ -135,28 +135,33 @@ def test_corrupt_files_are_named_or_skipped(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision 0.29's, of the decoder called here
-def test_a_batch_the_decoder_refuses_is_decoded_one_by_one(monkeypatch):
-    """nvJPEG can refuse data whose header passed: the batch is decoded image by image and
-    the image that fails is named."""
+def test_a_jpeg_the_decoder_refuses_is_decoded_by_pil(monkeypatch, tmp_path):
+    """nvJPEG can refuse data whose header passed (a JPEG feature it lacks, or damage): the
+    batch is decoded image by image, the refused one by PIL on the CPU; a file PIL cannot
+    decode either is named."""
     import torchvision.io
 
     real = torchvision.io.decode_jpeg
-    good, odd = (torch.frombuffer(bytearray(jpeg_bytes(photo(20, 20, s))), dtype=torch.uint8) for s in (1, 2))
+    paths = {name: tmp_path / f"{name}.jpg" for name in ("good", "odd")}
+    for seed, path in enumerate(paths.values()):
+        path.write_bytes(jpeg_bytes(photo(20 + seed, 20, seed)))
+    good, odd = (torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8) for path in paths.values())
     calls = []
 
     def refusing(data, **kwargs):
         calls.append(len(data) if isinstance(data, list) else 1)
         if isinstance(data, list) or data is odd:
-            raise RuntimeError("nvjpeg: bad data")
+            raise RuntimeError("nvjpeg: unsupported")
         return real(data, **kwargs)
 
     monkeypatch.setattr(torchvision.io, "decode_jpeg", refusing)
-    with pytest.raises(CorruptImageError, match="odd.jpg.*--decode loader"):
-        device_decode.decode_jpegs([good, odd], CPU, ["good.jpg", "odd.jpg"])
+    images = device_decode.decode_jpegs([good, odd], CPU, [str(paths["good"]), str(paths["odd"])])
     assert calls == [2, 1, 1]
-    calls.clear()
-    images = device_decode.decode_jpegs([good, good], CPU, ["a.jpg", "b.jpg"])
-    assert calls == [2, 1, 1] and all(torch.equal(image, real(good)) for image in images)
+    assert torch.equal(images[0], real(good))
+    assert torch.equal(images[1], torch.from_numpy(np.array(load_rgb(paths["odd"]))).permute(2, 0, 1))
+    paths["odd"].write_bytes(b"\xff\xd8 damaged")  # PIL cannot decode the file either
+    with pytest.raises(CorruptImageError, match="odd.jpg.*PIL fails too.*--decode loader"):
+        device_decode.decode_jpegs([good, odd], CPU, [str(paths["good"]), str(paths["odd"])])
 
 
 def test_build_train_val_with_device_decoding(tmp_path):
