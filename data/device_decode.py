@@ -178,6 +178,41 @@ def square(image: torch.Tensor, size: int) -> torch.Tensor:
     return F.resize(image, [size, size], antialias=True)
 
 
+class DecodedAhead:
+    """The batches of ``loader`` (a DataLoader over a :class:`DeviceDecoded`) with their
+    images decoded on ``device`` (:meth:`EncodedBatch.decode`) ``depth`` batches ahead, in
+    a background thread (:func:`data.loading.ahead`): torchvision's GPU decoder holds the
+    thread that calls it until the batch is decoded, which would keep the training process
+    from queueing the model's work meanwhile. A :class:`data.loading.LoadFailure` passes
+    through; an error while decoding is raised where the batch is taken."""
+
+    def __init__(self, loader, device: torch.device, depth: int = 2) -> None:
+        self.loader, self.device, self.depth = loader, device, depth
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _decoded(self):
+        for batch in self.loader:
+            if isinstance(batch, tuple) and isinstance(batch[0], EncodedBatch):
+                batch = (batch[0].decode(self.device), *batch[1:])
+            yield batch
+
+    def __iter__(self):
+        from data.loading import ahead
+
+        return ahead(self._decoded(), self.depth)
+
+
+def decoding_ahead(loader, dataset: Dataset, device: torch.device):
+    """``loader`` as :class:`DecodedAhead` when it reads a :class:`DeviceDecoded` for a GPU;
+    else as it is (on the CPU the training process decodes each batch when it takes it: a
+    thread would only compete with the model's for the cores)."""
+    if isinstance(dataset, DeviceDecoded) and device.type == "cuda":
+        return DecodedAhead(loader, device)
+    return loader
+
+
 def device_decoded(dataset: Dataset, img_size: int, name: str) -> DeviceDecoded:
     """``dataset`` (built without a transform) for ``--decode device``; raises
     :class:`utils.UserError` naming ``--decode`` for a data set not read from image files."""

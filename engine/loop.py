@@ -37,7 +37,7 @@ from data.loading import (
     unpack_batch,
 )
 from data.datasets import ignored_files_notice
-from data.device_decode import EncodedBatch
+from data.device_decode import EncodedBatch, decoding_ahead
 from engine.checkpoint import Checkpointer, RunProgress, StopRequests
 from engine.optim import Optimization, build_optimization
 from engine.processes import ProcessInfo
@@ -340,8 +340,9 @@ def build_loaders(train_set: Dataset, val_set: Dataset, samplers: tuple[EpochSam
     cached = place_caches(cached, process.device, announce)
     generator = torch.Generator().manual_seed(settings.seed)  # shared: the workers' seeds come from it
     return tuple(
-        make_loader(data, sampler, cached.get(name), batch_size=settings.batch_size, workers=settings.workers,
-                    generator=generator, pin_memory=process.device.type == "cuda")
+        decoding_ahead(make_loader(data, sampler, cached.get(name), batch_size=settings.batch_size,
+                                   workers=settings.workers, generator=generator,
+                                   pin_memory=process.device.type == "cuda"), data, process.device)
         for name, data, sampler in (("training", train_set, samplers[0]), ("validation", val_set, samplers[1])))
 
 

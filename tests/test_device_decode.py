@@ -164,6 +164,33 @@ def test_a_jpeg_the_decoder_refuses_is_decoded_by_pil(monkeypatch, tmp_path):
         device_decode.decode_jpegs([good, odd], CPU, [str(paths["good"]), str(paths["odd"])])
 
 
+def test_batches_decoded_ahead_in_a_thread_are_the_batches_decoded_in_the_step(tmp_path):
+    """On a GPU the loader's batches are decoded two ahead in a background thread (the
+    decoder holds its caller until done): the same batches as decoding each when taken, a
+    load failure passed on as data, a decoding error raised where its batch is taken."""
+    from data.device_decode import DecodedAhead, decoding_ahead
+    from data.loading import EpochSampler, LoadFailure, make_loader
+
+    write_folder(tmp_path)
+    dataset = DeviceDecoded(build_dataset("imagefolder", str(tmp_path), "train", None, False, 0), 16)
+    loader = make_loader(dataset, EpochSampler(len(dataset), seed=0), None, batch_size=4, workers=0,
+                         generator=torch.Generator(), pin_memory=False)
+    inline = [(batch.decode(CPU), labels, dropped) for batch, labels, dropped in loader]
+    ahead = list(DecodedAhead(loader, CPU))
+    assert len(ahead) == len(inline) == len(DecodedAhead(loader, CPU)) == 6
+    for (images, labels, dropped), (expected, expected_labels, expected_dropped) in zip(ahead, inline):
+        assert torch.equal(images, expected) and torch.equal(labels, expected_labels) and dropped == expected_dropped
+    failure = LoadFailure("x.jpg: corrupt")
+    assert list(DecodedAhead([failure], CPU)) == [failure]
+    broken = EncodedBatch([torch.frombuffer(bytearray(b"\xff\xd8 not a jpeg \xff\xd9"), dtype=torch.uint8)], 16,
+                          [str(tmp_path / "missing.jpg")])
+    with pytest.raises(CorruptImageError, match="missing.jpg"):
+        list(DecodedAhead([(broken, torch.tensor([0]), 0)], CPU))
+    assert decoding_ahead(loader, dataset, CPU) is loader  # on the CPU: decoded in the step
+    assert isinstance(decoding_ahead(loader, dataset, torch.device("cuda")), DecodedAhead)
+    assert decoding_ahead(loader, dataset.dataset, torch.device("cuda")) is loader  # not --decode device
+
+
 def test_build_train_val_with_device_decoding(tmp_path):
     write_folder(tmp_path)
     train, val, size, augment = build_train_val("imagefolder", str(tmp_path), 24, 0.0, False, 0, decode="device")

@@ -168,3 +168,7 @@ def test_jpegs_decoded_on_the_gpu_match_the_cpu(tmp_path):
     assert on_gpu.device.type == "cuda" and on_gpu.shape == on_cpu.shape
     difference = (on_gpu.cpu().int() - on_cpu.int()).abs().float()
     assert difference.mean() < 0.5 and difference.max() <= 8, (difference.mean(), difference.max())
+    from data.device_decode import DecodedAhead  # training's way: decoded two batches ahead in a thread
+
+    ahead = list(DecodedAhead([(batch, torch.zeros(len(batch)), 0)] * 3, GPU))
+    assert len(ahead) == 3 and all(torch.equal(images, on_gpu) for images, _, _ in ahead)
