@@ -376,7 +376,6 @@ def project_row(config: Config, data: Data, splits: Callable[[str], tuple], devi
     seconds = sum(len(train) / entry["images_per_s"] for entry in epochs)
     return {"images_per_s": len(train) * len(epochs) / seconds, "images": len(train) * len(epochs),
             "seconds": seconds, "warmup_epoch_s": len(train) / result.history[0]["images_per_s"],
-            "cached": any("images in memory" in note for note in notes),
             "cache": next(("disk" if "memory-mapped" in note else "memory" for note in notes if "holding the" in note),
                           "off")}
 

@@ -49,52 +49,60 @@ def device_decodable(data: bytes) -> bool:
 
 
 class DeviceDecoded(Dataset):
-    """A data set that reads image files (``dataset.samples``: ``(path, label)`` pairs; its
-    ``skip_corrupt``) giving, per sample, ``(item, label, path)``: ``item`` the file's bytes as a
-    1-D uint8 tensor when :func:`device_decodable`, else the image decoded by
-    :func:`load_rgb` as a ``[3, H, W]`` uint8 tensor (None for a corrupt file with
-    ``skip_corrupt``). :meth:`collate` makes its batches, each an :class:`EncodedBatch`."""
+    """A data set that reads image files (``dataset``, built without a transform:
+    ``samples``, ``(path, label)`` pairs, and items ``(PIL image, label)``, None for a
+    corrupt file it skips) giving, per sample, ``(item, label, path)``: ``item`` the file's
+    bytes as a 1-D uint8 tensor when :func:`device_decodable`, else ``dataset``'s own image
+    as a ``[3, H, W]`` uint8 tensor (None where ``dataset`` gives None). :meth:`collate`
+    makes its batches, each an :class:`EncodedBatch`."""
 
     def __init__(self, dataset: Dataset, img_size: int) -> None:
         self.dataset, self.img_size = dataset, img_size
-        self.samples = dataset.samples
-        self.classes, self.targets = dataset.classes, dataset.targets
-        self.skip_corrupt = getattr(dataset, "skip_corrupt", False)
+
+    @property
+    def samples(self) -> list:
+        return self.dataset.samples
+
+    @property
+    def classes(self) -> list:
+        return self.dataset.classes
+
+    @property
+    def targets(self) -> list:
+        return self.dataset.targets
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        try:
-            with open(path, "rb") as handle:
-                data = handle.read()
-        except OSError:
-            data = b""  # load_rgb below says what is wrong with the file
-        if device_decodable(data):
+        data = _jpeg_file(path)
+        if data is not None and device_decodable(data):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, path
-        try:
-            image = load_rgb(path)
-        except CorruptImageError:
-            if self.skip_corrupt:
-                return None
-            raise
-        return _chw(image), label, path
+        sample = self.dataset[index]  # decoded as --decode loader does (errors, --skip_corrupt)
+        return None if sample is None else (_chw(sample[0]), label, path)
 
     def collate(self, batch: Sequence):
-        """``(EncodedBatch, labels, dropped)`` as :func:`data.loading.collate_batch` gives
-        ``(images, labels, dropped)``; a :class:`data.loading.LoadFailure` passes through."""
-        from data.loading import LoadFailure
+        """``(EncodedBatch, labels, dropped)``: :func:`data.loading.collate_batch` with the
+        images of a batch kept as they are, not stacked (their sizes differ)."""
+        from data.loading import collate_batch
 
-        failure = next((sample for sample in batch if isinstance(sample, LoadFailure)), None)
-        if failure is not None:
-            return failure
-        kept = [sample for sample in batch if sample is not None]
-        dropped = len(batch) - len(kept)
-        if not kept:
-            return torch.empty(0), torch.empty(0, dtype=torch.long), dropped
-        items, labels, paths = zip(*kept)
-        return EncodedBatch(list(items), self.img_size, list(paths)), torch.tensor(labels), dropped
+        return collate_batch(batch, self._combine)
+
+    def _combine(self, samples: Sequence) -> tuple["EncodedBatch", torch.Tensor]:
+        items, labels, paths = zip(*samples)
+        return EncodedBatch(list(items), self.img_size, list(paths)), torch.tensor(labels)
+
+
+def _jpeg_file(path: str) -> bytes | None:
+    """The bytes of the file ``path`` when it starts as a JPEG does; None otherwise, or when
+    it cannot be read (without reading the rest of any other file: the data set then reads it)."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(len(_START))
+            return start + handle.read() if start == _START else None
+    except OSError:
+        return None
 
 
 @dataclass

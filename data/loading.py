@@ -141,19 +141,20 @@ class ReportingFailures(Dataset):
             return LoadFailure(str(err))
 
 
-def collate_batch(batch: Sequence):
-    """``(images, labels, dropped)``: the samples that loaded, and how many were None
+def collate_batch(batch: Sequence, combine: Callable | None = None):
+    """``(images, labels, dropped)``: the samples that loaded, combined by ``combine``
+    (default: torch's ``default_collate``, which stacks them), and how many were None
     (corrupt images skipped with --skip_corrupt); a :class:`LoadFailure` passes through."""
-    from data.datasets import collate_skip_none
+    from torch.utils.data import default_collate
 
     failure = next((sample for sample in batch if isinstance(sample, LoadFailure)), None)
     if failure is not None:
         return failure
-    collated = collate_skip_none(batch)
-    dropped = sum(sample is None for sample in batch)
-    if collated is None:
+    kept = [sample for sample in batch if sample is not None]
+    dropped = len(batch) - len(kept)
+    if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long), dropped
-    images, labels = collated
+    images, labels = (combine or default_collate)(kept)
     return images, labels, dropped
 
 
@@ -532,31 +533,25 @@ def build_train_val(dataset: str, data_dir: str | None, img_size: int | None, co
         raise UserError(f"--color_jitter {color_jitter}: must be between 0 (none, the default) and 1")
     if augment not in AUGMENT_MODES:
         raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {augment!r}")
-    per_image = augment == "pil"
-    if decode == "device":
-        return _device_decoded_splits(dataset, data_dir, img_size, color_jitter, skip_corrupt, seed, per_image)
-    train_transform = build_transform(True, img_size, color_jitter) if per_image else build_loading_transform(img_size)
+    per_image, on_device = augment == "pil", decode == "device"
+    if per_image and on_device:
+        raise UserError("--decode device: --augment pil transforms each image while loading, before the device "
+                        "sees it; use --augment batch (the default) or --decode loader")
+    if on_device:  # the data sets give the files' images as they are; data.device_decode reads the JPEGs
+        train_transform = val_transform = None
+    else:
+        train_transform = (build_transform(True, img_size, color_jitter) if per_image
+                           else build_loading_transform(img_size))
+        val_transform = build_loading_transform(img_size)
     train = build_dataset(dataset, data_dir, "train", train_transform, skip_corrupt, seed)
-    val = build_dataset(dataset, data_dir, "val", build_loading_transform(img_size), skip_corrupt, seed)
+    val = build_dataset(dataset, data_dir, "val", val_transform, skip_corrupt, seed)
+    if on_device:
+        from data.device_decode import device_decoded
+
+        train, val = (device_decoded(split, img_size, dataset) for split in (train, val))
     if len(train) == 0 or len(val) == 0:
         raise UserError(f"--dataset {dataset}: the {'train' if len(train) == 0 else 'val'} split is empty")
     if per_image:
         return SeededSamples(train), val, img_size, None
     return train, val, img_size, BatchAugment(img_size, color_jitter)
 
-
-def _device_decoded_splits(dataset: str, data_dir: str | None, img_size: int, color_jitter: float,
-                           skip_corrupt: bool, seed: int, per_image: bool) -> tuple[Dataset, Dataset, int, Callable]:
-    """:func:`build_train_val` with ``decode="device"``."""
-    from data.datasets import build_dataset
-    from data.device_decode import device_decoded
-    from data.transforms import BatchAugment
-
-    if per_image:
-        raise UserError("--decode device: --augment pil transforms each image while loading, before the device "
-                        "sees it; use --augment batch (the default) or --decode loader")
-    train, val = (device_decoded(build_dataset(dataset, data_dir, split, None, skip_corrupt, seed), img_size, dataset)
-                  for split in ("train", "val"))
-    if len(train) == 0 or len(val) == 0:
-        raise UserError(f"--dataset {dataset}: the {'train' if len(train) == 0 else 'val'} split is empty")
-    return train, val, img_size, BatchAugment(img_size, color_jitter)

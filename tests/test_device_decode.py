@@ -14,7 +14,7 @@ from PIL import Image
 
 import data.device_decode as device_decode
 import pretrain_on_ImageNet
-from data.datasets import build_dataset
+from data.datasets import ImageFileDataset, build_dataset
 from data.device_decode import DeviceDecoded, EncodedBatch, device_decodable
 from data.image_io import ORIENTATION_TAG, CorruptImageError, load_rgb
 from data.loading import build_train_val, collate_batch
@@ -77,9 +77,9 @@ def test_what_goes_to_the_device_as_jpeg_bytes(tmp_path):
 
 def test_samples_are_bytes_or_the_loaders_pixels(tmp_path):
     special = write_folder(tmp_path, per_class=2)
-    dataset = DeviceDecoded(build_dataset("imagefolder", str(tmp_path), "train", None, False, 0), 16)
-    dataset.samples = sorted(build_dataset("imagefolder", str(tmp_path), "train", None, False, 0).samples
-                             + build_dataset("imagefolder", str(tmp_path), "val", None, False, 0).samples)
+    everything = sorted(build_dataset("imagefolder", str(tmp_path), "train", None, False, 0).samples
+                        + build_dataset("imagefolder", str(tmp_path), "val", None, False, 0).samples)
+    dataset = DeviceDecoded(ImageFileDataset(everything, ["cat", "dog"]), 16)
     kinds = {Path(path): kind for kind, path in special.items()}
     for index, (path, label) in enumerate(dataset.samples):
         item, got_label, got_path = dataset[index]
@@ -121,12 +121,10 @@ def test_corrupt_files_are_named_or_skipped(tmp_path):
     bad = tmp_path / "cat" / "bad.jpg"
     bad.write_bytes(jpeg_bytes(photo(40, 40, 5))[:300])
     samples = [(str(bad), 0), (str(tmp_path / "cat" / "00.jpg"), 0)]
-    strict = DeviceDecoded(build_dataset("imagefolder", str(tmp_path), "train", None, False, 0), 16)
-    strict.samples = samples
+    strict = DeviceDecoded(ImageFileDataset(samples, ["cat"]), 16)
     with pytest.raises(CorruptImageError, match="bad.jpg"):
         strict[0]
-    lenient = DeviceDecoded(build_dataset("imagefolder", str(tmp_path), "train", None, True, 0), 16)
-    lenient.samples = samples
+    lenient = DeviceDecoded(ImageFileDataset(samples, ["cat"], skip_corrupt=True), 16)
     assert lenient[0] is None
     batch, labels, dropped = lenient.collate([lenient[0], lenient[1]])
     assert dropped == 1 and len(batch) == 1 and labels.tolist() == [0]
