@@ -241,14 +241,18 @@ def add_regress_parser(subparsers) -> None:
 
 
 def run_regress(args) -> int:
-    from metrics.regression import fit_log_transferability, fit_to_dict, format_fit, partial_regression_figure, read_table
+    from metrics.regression import (finding1, fit_log_transferability, fit_to_dict, format_finding1, format_fit,
+                                    partial_regression_figure, read_table)
 
     outputs = Outputs.of(args, "--json", "--fig")
     rows = read_table(args.table)
     fit = fit_log_transferability(rows)
+    verdict = finding1(fit)
     print(format_fit(fit, title=f"{args.table}: {len(rows)} datasets"))
+    print()
+    print(format_finding1(verdict, fit.log_label))
     if "--json" in outputs:
-        outputs.add("--json", json.dumps(fit_to_dict(fit), indent=2) + "\n")
+        outputs.add("--json", json.dumps({**fit_to_dict(fit), "finding1": verdict}, indent=2) + "\n")
     if "--fig" in outputs:
         outputs.add("--fig", partial_regression_figure(rows, fit, outputs.image_format("--fig")))
     outputs.commit()

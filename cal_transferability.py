@@ -2,8 +2,11 @@
 
     python cal_transferability.py -r random_init_model.pth -a pretrained.pth -b finetuned.pth [more.pth ...]
 
-For every fine-tuned checkpoint B it prints T per layer and the overall mean, and it can
-write JSON, CSV and a figure. With no arguments it runs on the demo checkpoints in ckpt/.
+For every fine-tuned checkpoint B it prints T per layer and the overall mean (and the
+scale-free T's mean, docs/metric.md), and it can write JSON, CSV and a figure. With
+``-r random:SEED --random_draws K`` it measures against K fresh initialisations and reports
+the mean and standard deviation over them. With no arguments it runs on the demo checkpoints
+in ckpt/.
 """
 from __future__ import annotations
 
@@ -16,13 +19,14 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from tqdm import tqdm
 
-from metrics import COS_INIT_WARNING, NonFiniteTensorError, Transferability, TransferabilityMeter
-from models import ARCHITECTURES, GENERIC, build_model, layer_groups, num_classes_of, resolve_arch
+from metrics import (COS_INIT_WARNING, DrawSummary, FrozenLayerWarning, NonFiniteTensorError, Transferability,
+                     TransferabilityMeter, mean_over_draws)
+from models import ARCHITECTURES, GENERIC, fresh_initialisation, layer_groups, num_classes_of, resolve_arch
 from plotting import layerwise_figure_bytes
 from utils import (
     OneLineArgumentParser,
@@ -31,6 +35,7 @@ from utils import (
     add_device_flag,
     add_output_flags,
     load_state_dict_safely,
+    positive_int,
     resolve_device,
     run_cli,
     same_file,
@@ -41,6 +46,12 @@ DEMO_RANDOM = CKPT_DIR / "demo_random_init.pth"
 DEMO_PRETRAINED = CKPT_DIR / "demo_pretrained.pth"
 DEMO_FINETUNED_GLOB = "demo_finetuned_*.pth"
 RANDOM_PREFIX = "random:"
+SEED_RANGE = (-2**63, 2**64)  # what torch's generator accepts: [low, high)
+FIG_METRICS = {  # --fig_metric: (y label, title)
+    "T": ("transferability T", "Transferability"),
+    "scale_free": ("scale-free transferability T_sf", "Scale-free transferability"),
+    "both": ("T (solid), scale-free T_sf (dashed)", "Transferability (solid) and scale-free (dashed)"),
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,7 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("-r", "--random_init", metavar="PATH",
                         help="theta_r: the random initialisation pre-training started from, or "
-                        "'random:SEED' to draw a fresh one (an approximation; see docs/metric.md)")
+                        "'random:SEED' to draw a fresh one with that seed (the very theta_r when pre-training "
+                        "started from that seed in this project, else an approximation; see docs/metric.md)")
+    parser.add_argument("--random_draws", type=positive_int, metavar="K",
+                        help="with -r random:SEED: measure against K fresh initialisations (seeds SEED ... "
+                        "SEED+K-1) and report the mean and sample standard deviation of T over them (default: 1)")
     parser.add_argument("-a", "--pretrained", metavar="PATH", help="theta_A: the pre-trained weights")
     parser.add_argument("-b", "--finetuned", metavar="PATH", nargs="+", action="extend",
                         help="theta_FB: one or more fine-tuned checkpoints")
@@ -63,10 +78,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_device_flag(parser, default="cpu")  # a ResNet-50 trio takes ~66 ms here; CUDA's start-up costs more
     add_output_flags(parser, json="write the results as JSON", csv="write the results as CSV, one row per layer",
                      fig="Figs/transferability.png", fig_help="figure of T per layer")
+    parser.add_argument("--fig_metric", choices=list(FIG_METRICS), default="T",
+                        help="what the figure draws: T (default), the scale-free T, or both (T solid, "
+                        "scale-free dashed, one colour per fine-tuned checkpoint)")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="also print a table per layer: D(theta_r, theta_FB), D(theta_A, theta_FB), T, and "
+                        help="also print a table per layer: D(theta_r, theta_FB), D(theta_A, theta_FB), T, "
                         "how far pre-training moved it, D(theta_r, theta_A) and the cosine similarity of theta_r "
-                        "and theta_A")
+                        "and theta_A, how much it shrank the weights (shrink) and the scale-free T (T_sf)")
     args = parser.parse_args(argv)
     if args.random_init is None and args.pretrained is None and args.finetuned is None:
         # the training runs' own .last.pth checkpoints lie beside the demo weights
@@ -82,7 +100,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.labels is not None and len(args.labels) != len(args.finetuned):
         raise UserError(f"--labels: got {len(args.labels)} labels for {len(args.finetuned)} -b files; give one each")
     if args.random_init.startswith(RANDOM_PREFIX):
-        random_seed(args.random_init)  # refused before any checkpoint is read
+        seed = random_seed(args.random_init)  # refused before any checkpoint is read
+        draws = args.random_draws or 1
+        if seed + draws > SEED_RANGE[1]:
+            raise UserError(f"--random_draws {draws}: the seeds {seed} ... {seed + draws - 1} go past "
+                            f"2**64 - 1; start from a smaller -r random:SEED")
+    elif args.random_draws is not None:
+        raise UserError(f"--random_draws {args.random_draws}: needs -r random:SEED (it draws K fresh "
+                        f"initialisations); -r {args.random_init} is one fixed theta_r, so drop the flag")
+    args.random_draws = args.random_draws or 1
     check_roles_differ(args)
     return args
 
@@ -112,9 +138,19 @@ def check_roles_differ(args: argparse.Namespace) -> None:
 @dataclass
 class Inputs:
     arch: str
-    theta_r: Mapping[str, torch.Tensor]
+    theta_r: Mapping[str, torch.Tensor] | None  # None with -r random:SEED (see seeds)
     theta_a: Mapping[str, torch.Tensor]
     finetuned: list[tuple[str, Mapping[str, torch.Tensor]]]
+    seeds: list[int] | None = None  # -r random:SEED --random_draws K: SEED ... SEED+K-1
+
+    def random_inits(self) -> Iterator[Mapping[str, torch.Tensor]]:
+        """theta_r, or one fresh initialisation per seed, one at a time."""
+        if self.seeds is None:
+            yield self.theta_r
+            return
+        classes = num_classes_of(self.arch, self.theta_a)
+        for seed in self.seeds:
+            yield fresh_initialisation(self.arch, classes, seed)
 
 
 def _check_same_tensors(path: str, state_dict: Mapping[str, torch.Tensor], reference_path: str,
@@ -137,19 +173,24 @@ def random_seed(spec: str) -> int:
         seed = int(spec[len(RANDOM_PREFIX):])
     except ValueError:
         raise UserError(f"-r {spec}: the seed must be an integer, as in -r random:0") from None
-    if not -2**63 <= seed < 2**64:
+    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
         raise UserError(f"-r {spec}: the seed must be an integer from -2**63 to 2**64 - 1, as in -r random:0")
     return seed
 
 
-def _random_init(spec: str, arch: str, theta_a: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _random_seeds(spec: str, arch: str, draws: int) -> list[int]:
     seed = random_seed(spec)
     if arch == GENERIC:
         raise UserError(f"-r {spec}: drawing an initialisation needs a known --arch, not {GENERIC}")
-    warnings.warn(f"-r {spec} draws a fresh initialisation of {arch}; the paper measures against the "
-                  "initialisation pre-training actually started from, so T is only an approximation")
-    torch.manual_seed(seed)
-    return build_model(arch, num_classes_of(arch, theta_a)).state_dict()
+    if draws == 1:
+        what, exact = "a fresh initialisation", f"this very draw (this project's pre-training with --seed {seed})"
+    else:
+        what = f"{draws} fresh initialisations (seeds {seed} ... {seed + draws - 1})"
+        exact = "one of these draws"
+    warnings.warn(f"-r {spec} draws {what} of {arch}; the paper measures against the initialisation "
+                  f"pre-training actually started from, so T is only an approximation unless pre-training "
+                  f"started from {exact}")
+    return list(range(seed, seed + draws))
 
 
 def load_inputs(args: argparse.Namespace) -> Inputs:
@@ -162,8 +203,9 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     _check_same_tensors(args.pretrained, theta_a, args.pretrained, theta_a, keys)
 
     others: list[tuple[str, Mapping[str, torch.Tensor]]] = []
+    theta_r, seeds = None, None
     if args.random_init.startswith(RANDOM_PREFIX):
-        theta_r = _random_init(args.random_init, arch, theta_a)
+        seeds = _random_seeds(args.random_init, arch, args.random_draws)
     else:
         theta_r = load_state_dict_safely(args.random_init)
         others.append((args.random_init, theta_r))
@@ -172,7 +214,7 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
         if arch != GENERIC:
             resolve_arch(state_dict, arch, path, reference=args.pretrained)
         _check_same_tensors(path, state_dict, args.pretrained, theta_a, keys)
-    return Inputs(arch, theta_r, theta_a, finetuned)
+    return Inputs(arch, theta_r, theta_a, finetuned, seeds)
 
 
 def _fmt(value: float) -> float:
@@ -188,16 +230,35 @@ def _cell(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def report(result: Transferability, verbose: bool) -> None:
+@dataclass
+class Measured:
+    """What one fine-tuned checkpoint gave: ``result`` is, with several draws of theta_r,
+    the mean over them (``draws`` holds the spread; None when -r is a file)."""
+
+    path: str
+    label: str
+    result: Transferability
+    draws: DrawSummary | None = None
+
+
+def report(measured: Measured, verbose: bool) -> None:
+    result, draws = measured.result, measured.draws
+    spread = draws is not None and draws.draws > 1
     if verbose:
         print(f"{'#':>3}  {'layer':<36} {'D(r,FB)':>12} {'D(A,FB)':>12} {'T':>8}  {'D(r,A)':>12} "
-              f"{'cos(r,A)':>8}  status")
+              f"{'cos(r,A)':>8} {'shrink':>7} {'T_sf':>8}{'  sd(T)' if spread else ''}  status")
         for i, layer in enumerate(result.layers, 1):
+            sd = f"  {draws.sd[i - 1]:>5.2f}" if spread else ""
             print(f"{i:>3}  {layer.name:<36} {_cell(layer.d_random, '.6g'):>12} "
                   f"{_cell(layer.d_pretrained, '.6g'):>12} {layer.transferability:>8.2f}  "
-                  f"{_cell(layer.d_init, '.6g'):>12} {_cell(layer.cos_init, '.3f'):>8}  {layer.status}")
+                  f"{_cell(layer.d_init, '.6g'):>12} {_cell(layer.cos_init, '.3f'):>8} "
+                  f"{_cell(layer.shrink, '.3f'):>7} {layer.transferability_scale_free:>8.2f}{sd}  {layer.status}")
     print("Layer-wise transferability: ", [_fmt(v) for v in result.values])
     print(f"Overall transferability: {result.overall:.2f}")
+    print(f"Overall scale-free transferability: {result.overall_scale_free:.2f}")
+    if spread:
+        print(f"Overall transferability over {draws.draws} fresh initialisations: "
+              f"{draws.mean.overall:.2f} ± {draws.overall_sd:.2f}")
 
 
 def warn_if_pretraining_stayed_home(result: Transferability) -> None:
@@ -209,16 +270,31 @@ def warn_if_pretraining_stayed_home(result: Transferability) -> None:
               file=sys.stderr)
 
 
-def results_json(args: argparse.Namespace, arch: str, results: list[tuple[str, str, Transferability]]) -> dict:
+def draws_json(draws: DrawSummary | None, seeds: list[int] | None) -> dict | None:
+    if draws is None:
+        return None
     return {
-        "arch": arch,
+        "k": draws.draws,
+        "seeds": seeds,
+        "overall_mean": _number(draws.mean.overall),
+        "overall_sd": _number(draws.overall_sd),
+        "layers": [{"name": layer.name, "mean": _number(layer.transferability), "sd": _number(sd)}
+                   for layer, sd in zip(draws.mean.layers, draws.sd)],
+    }
+
+
+def results_json(args: argparse.Namespace, inputs: Inputs, results: list[Measured]) -> dict:
+    return {
+        "arch": inputs.arch,
         "random_init": args.random_init,
         "pretrained": args.pretrained,
         "results": [
             {
-                "finetuned": path,
-                "label": label,
-                "overall": _number(result.overall),
+                "finetuned": m.path,
+                "label": m.label,
+                "overall": _number(m.result.overall),
+                "overall_scale_free": _number(m.result.overall_scale_free),
+                "random_draws": draws_json(m.draws, inputs.seeds),
                 "layers": [
                     {
                         "name": layer.name,
@@ -227,28 +303,49 @@ def results_json(args: argparse.Namespace, arch: str, results: list[tuple[str, s
                         "d_pretrained": _number(layer.d_pretrained),
                         "d_init": _number(layer.d_init),
                         "cos_init": _number(layer.cos_init),
+                        "shrink": _number(layer.shrink),
+                        "ft_move": _number(layer.ft_move),
+                        "transferability_scale_free": _number(layer.transferability_scale_free),
                         "status": layer.status,
                     }
-                    for layer in result.layers
+                    for layer in m.result.layers
                 ],
             }
-            for path, label, result in results
+            for m in results
         ],
     }
 
 
-def results_csv(results: list[tuple[str, str, Transferability]]) -> str:
+CSV_COLUMNS = ["finetuned", "label", "overall", "overall_scale_free", "index", "layer", "transferability",
+               "d_random", "d_pretrained", "d_init", "cos_init", "shrink", "ft_move", "transferability_scale_free",
+               "status"]
+
+
+def results_csv(results: list[Measured]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["finetuned", "label", "overall", "index", "layer", "transferability",
-                     "d_random", "d_pretrained", "d_init", "cos_init", "status"])
+    writer.writerow(CSV_COLUMNS)
     optional = lambda value: "" if value is None else repr(value)  # noqa: E731
-    for path, label, result in results:
-        for i, layer in enumerate(result.layers, 1):
-            writer.writerow([path, label, repr(result.overall), i, layer.name, repr(layer.transferability),
-                             optional(layer.d_random), optional(layer.d_pretrained), optional(layer.d_init),
-                             optional(layer.cos_init), layer.status])
+    for m in results:
+        for i, layer in enumerate(m.result.layers, 1):
+            writer.writerow([m.path, m.label, repr(m.result.overall), repr(m.result.overall_scale_free), i,
+                             layer.name, repr(layer.transferability), optional(layer.d_random),
+                             optional(layer.d_pretrained), optional(layer.d_init), optional(layer.cos_init),
+                             optional(layer.shrink), optional(layer.ft_move),
+                             repr(layer.transferability_scale_free), layer.status])
     return out.getvalue()
+
+
+def figure(results: list[Measured], metric: str, fmt: str, xlabel: str) -> bytes:
+    """The --fig image: T, the scale-free T, or both (scale-free dashed, in T's colour)."""
+    ylabel, title = FIG_METRICS[metric]
+    plain = [(m.label, m.result.values, m.result.overall) for m in results]
+    scale_free = [(m.label, m.result.values_scale_free, m.result.overall_scale_free) for m in results]
+    if metric == "T":
+        return layerwise_figure_bytes(plain, fmt, xlabel, ylabel=ylabel, title=title)
+    if metric == "scale_free":
+        return layerwise_figure_bytes(scale_free, fmt, xlabel, ylabel=ylabel, title=title)
+    return layerwise_figure_bytes(plain, fmt, xlabel, ylabel=ylabel, title=title, dashed=scale_free)
 
 
 def default_labels(paths: list[str]) -> list[str]:
@@ -256,36 +353,66 @@ def default_labels(paths: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else list(paths)
 
 
+def measure(meter: TransferabilityMeter, args: argparse.Namespace, path: str,
+            theta_b: Mapping[str, torch.Tensor]) -> Transferability:
+    try:
+        return meter(theta_b)
+    except NonFiniteTensorError as err:
+        where = {"random": args.random_init, "pretrained": args.pretrained, "finetuned": path}[err.role]
+        raise UserError(f"{where}: tensor {err.key} holds NaN or Inf; the checkpoint is broken") from None
+
+
+def measure_all(args: argparse.Namespace, inputs: Inputs, device: torch.device) -> list[Measured]:
+    """Every -b file against theta_r (or each draw of it), printing as it goes."""
+    groups = layer_groups(inputs.arch, inputs.theta_a)
+    labels = args.labels or default_labels(args.finetuned)
+    progress = lambda: tqdm(inputs.finetuned, desc="fine-tuned", disable=None, leave=False)  # noqa: E731
+    if inputs.seeds is None or len(inputs.seeds) == 1:
+        [theta_r] = inputs.random_inits()
+        meter = TransferabilityMeter(groups, theta_r, inputs.theta_a, device)
+        results = []
+        for (path, theta_b), label in zip(progress(), labels):
+            print(f"theta_FB: {label}", flush=True)
+            result = measure(meter, args, path, theta_b)
+            draws = None if inputs.seeds is None else mean_over_draws([result])
+            results.append(Measured(path, label, result, draws))
+            report(results[-1], args.verbose)
+        return results
+
+    per_draw: list[list[Transferability]] = []  # [draw][-b file]; one theta_r in memory at a time
+    for i, theta_r in enumerate(tqdm(inputs.random_inits(), total=len(inputs.seeds), desc="draws",
+                                     disable=None, leave=False)):
+        meter = TransferabilityMeter(groups, theta_r, inputs.theta_a, device)
+        with warnings.catch_warnings():
+            if i:  # a frozen layer is frozen against every draw: say so once
+                warnings.simplefilter("ignore", FrozenLayerWarning)
+            per_draw.append([measure(meter, args, path, theta_b) for path, theta_b in inputs.finetuned])
+    results = []
+    for j, ((path, _), label) in enumerate(zip(inputs.finetuned, labels)):
+        summary = mean_over_draws([draw[j] for draw in per_draw])
+        results.append(Measured(path, label, summary.mean, summary))
+        print(f"theta_FB: {label}", flush=True)
+        report(results[-1], args.verbose)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     outputs = Outputs.of(args, "--json", "--csv", "--fig")
     device = resolve_device(args.device)
     inputs = load_inputs(args)
-    meter = TransferabilityMeter(layer_groups(inputs.arch, inputs.theta_a), inputs.theta_r, inputs.theta_a, device)
-
-    labels = args.labels or default_labels(args.finetuned)
-    results = []
-    for (path, theta_b), label in zip(tqdm(inputs.finetuned, desc="fine-tuned", disable=None, leave=False), labels):
-        print(f"theta_FB: {label}", flush=True)
-        try:
-            result = meter(theta_b)
-        except NonFiniteTensorError as err:
-            where = {"random": args.random_init, "pretrained": args.pretrained, "finetuned": path}[err.role]
-            raise UserError(f"{where}: tensor {err.key} holds NaN or Inf; the checkpoint is broken") from None
-        report(result, args.verbose)
-        results.append((path, label, result))
+    results = measure_all(args, inputs, device)
     if results:
-        warn_if_pretraining_stayed_home(results[0][2])  # theta_r and theta_A are the same for every -b
+        warn_if_pretraining_stayed_home(results[0].result)  # theta_r and theta_A are the same for every -b
 
     if "--json" in outputs:
-        outputs.add("--json", json.dumps(results_json(args, inputs.arch, results), indent=2, allow_nan=False) + "\n")
+        outputs.add("--json", json.dumps(results_json(args, inputs, results), indent=2, allow_nan=False) + "\n")
     if "--csv" in outputs:
         outputs.add("--csv", results_csv(results))
     if "--fig" in outputs:
         spec = ARCHITECTURES.get(inputs.arch)
         xlabel = "block" if spec and spec.family.name == "vit" else "layer"
-        outputs.add("--fig", layerwise_figure_bytes([(label, r.values, r.overall) for _, label, r in results],
-                                                    outputs.image_format("--fig"), xlabel))
+        outputs.add("--fig", figure(results, args.fig_metric, outputs.image_format("--fig"), xlabel))
     outputs.commit()
     return 0
 

@@ -14,33 +14,48 @@ from matplotlib.ticker import MaxNLocator
 
 
 def layerwise_figure_bytes(
-    curves: Sequence[tuple[str, Sequence[float], float]], fmt: str = "png", xlabel: str = "layer"
+    curves: Sequence[tuple[str, Sequence[float], float]], fmt: str = "png", xlabel: str = "layer",
+    ylabel: str = "transferability", title: str = "Transferability",
+    dashed: Sequence[tuple[str, Sequence[float], float]] | None = None,
 ) -> bytes:
     """Layer-wise transferability, one line with markers per ``(label, values, mean)``.
 
     Points are numbered from 1 in forward order. Infinite values (frozen layers) leave a
     gap in the line and are counted in the legend. One curve is titled with its mean, as
-    in the paper's figure; several curves carry their means in the legend.
+    in the paper's figure; several curves carry their means in the legend. ``dashed`` holds
+    one more curve per curve (the scale-free T), drawn dashed in the same colour; the
+    title then carries both means of a single pair.
     """
     fig = Figure(figsize=(6.4, 4.4), dpi=150)
     ax = fig.subplots()
-    for label, values, mean in curves:
-        xs = range(1, len(values) + 1)
-        ys = _gaps_for_infinite(values)
-        frozen = sum(1 for v in values if not math.isfinite(v))
-        text = f"{label} (mean {mean:.2f})" + (f", {frozen} frozen" if frozen else "")
-        ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.5, label=text)
+    pairs = list(zip(curves, dashed)) if dashed is not None else [(curve, None) for curve in curves]
+    for (label, values, mean), extra in pairs:
+        (line,) = ax.plot(range(1, len(values) + 1), _gaps_for_infinite(values), marker="o", markersize=4,
+                          linewidth=1.5, label=_legend_text(label, values, mean))
+        if extra is not None:
+            extra_label, extra_values, extra_mean = extra
+            ax.plot(range(1, len(extra_values) + 1), _gaps_for_infinite(extra_values), marker="o", markersize=3,
+                    linewidth=1.2, linestyle="--", color=line.get_color(),
+                    label=_legend_text(f"{extra_label}, scale-free", extra_values, extra_mean))
     if len(curves) == 1:
-        ax.set_title(f"Transferability (mean {curves[0][2]:.2f})")
+        means = f"mean {curves[0][2]:.2f}" + (f"; scale-free {dashed[0][2]:.2f}" if dashed else "")
+        ax.set_title(f"{title} ({means})")
     else:
-        ax.set_title("Transferability")
-    if len(curves) > 1 or any(not math.isfinite(v) for _, values, _ in curves for v in values):
+        ax.set_title(title)
+    everything = [*curves, *(dashed or [])]
+    if len(everything) > 1 or any(not math.isfinite(v) for _, values, _ in everything for v in values):
         ax.legend(fontsize="small")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("transferability")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     return _encode(fig, fmt)
+
+
+def _legend_text(label: str, values: Sequence[float], mean: float) -> str:
+    """``label (mean X)``, with the count of infinite (frozen) points when there are any."""
+    frozen = sum(1 for v in values if math.isinf(v))
+    return f"{label} (mean {mean:.2f})" + (f", {frozen} frozen" if frozen else "")
 
 
 def figure_format(path: str) -> str | None:

@@ -5,6 +5,7 @@ from .transferability import (
     FROZEN,
     HEAD,
     LAYER,
+    DrawSummary,
     FrozenLayerWarning,
     LayerResult,
     NonFiniteTensorError,
@@ -12,7 +13,9 @@ from .transferability import (
     TransferabilityMeter,
     abs_diff_sums,
     layerwise_transferability,
+    mean_over_draws,
     overall_transferability,
+    sum_of_squares,
 )
 
 __all__ = [
@@ -20,6 +23,7 @@ __all__ = [
     "FROZEN",
     "HEAD",
     "LAYER",
+    "DrawSummary",
     "FrozenLayerWarning",
     "LayerResult",
     "NonFiniteTensorError",
@@ -27,5 +31,7 @@ __all__ = [
     "TransferabilityMeter",
     "abs_diff_sums",
     "layerwise_transferability",
+    "mean_over_draws",
     "overall_transferability",
+    "sum_of_squares",
 ]

@@ -6,28 +6,68 @@ All three are measured on features of the *training* images:
 
 * ``N`` (data amount): the number of training images of the target task, always the full
   training set (even when the features below use a subset).
-* ``G`` (domain gap): the Fréchet distance between Gaussian fits of source and target
-  features, measured in ``k`` dimensions and extrapolated to infinitely many samples, per
-  dimension (:func:`gap_estimate`)::
+* ``G`` (domain gap): the Fréchet distance between source and target features in the
+  whole feature space, extrapolated or corrected to infinitely many samples, per dimension
+  of that space (divided by its dimension ``d``; :func:`gap_estimate`). The feature space
+  is split into the ``k = min(d, 64, n // 3)`` leading principal directions P of *source*
+  features that take no other part, and the complement Q of the other ``d - k``
+  dimensions::
 
       FD(a, b) = ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^{1/2} S_b S_a^{1/2})^{1/2})
-      G = FD_inf / k
+      G = (FD_inf + M_Q + C_Q) / d
+
+  ``FD_inf`` is the Fréchet distance in P, ``M_Q`` the squared mean difference in Q and
+  ``C_Q`` a change of spread in Q. Where ``k = d`` (64-d ResNet-20 features, n >= 192) Q is
+  empty and ``G = FD_inf / d = FD_inf / k``, bit for bit the value of the earlier
+  definitions (which divided by ``k``).
 
   The plain sample Fréchet distance grows as samples shrink: two samples of n points of
   one distribution are about ``(d + 5) / (2 n)`` apart per dimension and unit variance
   when n > d (0.51 at d = 2048, n = 2000), which would tie G to the data set's size. So:
-  (1) the same number ``n`` of source and target samples is compared; (2) the features are
-  projected onto the ``k = min(d, 64, n // 3)`` leading principal directions of *source*
-  features that take no other part (a basis fitted on the compared samples themselves
+  (1) the same number ``n`` of source and target samples is compared; (2) P is fitted on
+  source features that are not compared (a basis fitted on the compared samples themselves
   would inflate their variance along it; ``n // 3`` only binds below 192 samples, where
-  the extrapolation would otherwise fail); (3) the distance is computed on random subsets
-  of ``m`` = n/2 .. n samples of each side, ``FD(m) = FD_inf + b / m`` is fitted by least
-  squares and its intercept ``FD_inf`` is kept (the extrapolation of Chong & Forsyth's
-  "FID infinity", 2020). Two samples of one distribution give ``|G| < 0.01`` per unit
-  variance for n from 500 to 5,000 (tested; the spread is about 0.003 at n = 500 and
-  shrinks as 1 / n), and a known distance is recovered within the same bound. G is not
-  clipped: a gap near 0 may come out slightly negative, and clipping would bias small
-  gaps upwards.
+  the extrapolation would otherwise fail); (3) in P the distance is computed on random
+  subsets of ``m`` = n/2 .. n samples of each side, ``FD(m) = FD_inf + b / m`` is fitted by
+  least squares and its intercept ``FD_inf`` is kept (the extrapolation of Chong & Forsyth's
+  "FID infinity", 2020); (4) in Q, where d - k can be far more than n, no covariance is
+  fitted: ``M_Q = ||Q^T (xbar_s - xbar_t)||^2 - tr(S_s,Q) / n - tr(S_t,Q) / n`` is exactly
+  unbiased, and ``C_Q = sum_j (sigma_s,j - sigma_t,j)^2 + (sqrt(tr_s,R) - sqrt(tr_t,R))^2``,
+  the standard deviations along the further principal directions ``u_j`` of the same
+  held-out source features plus the rest R of Q they do not span (fewer held-out samples
+  than dimensions) as one isotropic block, jackknifed (:func:`complement_gap`).
+  ``C_Q`` is the Fréchet distance between Gaussian fits whose covariance in Q is diagonal
+  along the ``u_j`` (isotropic in R): it sees a change of the variance along any ``u_j``
+  and of the total variance in R, not a change that keeps all of those (variance moved
+  within R, other correlations within Q, correlations between P and Q). At the population
+  level each part is at most the corresponding part of the whole-space Fréchet distance,
+  so ``d G`` is a lower bound of it.
+
+  Dividing by ``d`` (not ``k``): a unit mean shift adds ``1 / d`` wherever it lies, and
+  the noise of the unbiased mean estimate in Q (two sample means in d - k dimensions, a
+  standard deviation of about ``sqrt(8 tr(Sigma_Q^2)) / (n d)``, at most
+  ``sqrt(8 / d) / n`` per unit variance, falling as 1 / n) is spread over the d dimensions
+  it comes from instead of being charged to k of them, so it stays far below a gap of the
+  whole space (a shift of 0.1 in every dimension of unit-variance features gives G = 0.01).
+  Against one unit shift the noise is ``sqrt(8 (d - k)) / n`` of it either way (0.25 at
+  d = 2048, n = 500): the price of an unbiased estimate. Divided by ``k`` (the definition
+  before this one), two samples of N(0, I) at d = 2048, n = 500 gave G with mean -0.0001
+  and spread 0.0044 over 40 seeds, 2 of them above 0.01 (largest 0.0107); divided by ``d``
+  they give mean -0.000004, spread 0.00014, largest 0.00033, all 40 within 0.01
+  (docs/analysis.md names the command). At d = 256, n = 1,000 (source variance ``1 / i`` along coordinate i,
+  seed 0 of the tests) a unit mean shift along PC 1 gives G 0.0035, along coordinate 200
+  0.0039, a 3x scale of coordinates 150-159 0.00017 (below the exact 0.0010: held-out
+  principal directions that far down mix neighbouring coordinates); divided by ``k`` these
+  were 0.0138, 0.0156 and 0.0007, and without Q (the subspace part alone) 0.0138, 0.0002
+  and 0.0000. Tests:
+  ``test_a_unit_mean_shift_counts_alike_in_any_direction``,
+  ``test_a_change_of_spread_outside_the_subspace_is_seen``,
+  ``test_same_distribution_gives_a_gap_near_zero_in_2048_dimensions_over_seeds``.
+
+  Two samples of one distribution give ``|G| < 0.01`` per unit variance for n from 500 to
+  5,000 at d = 64 and d = 2048. A known distance is recovered within 0.01 per dimension of
+  the 64 it lies in. G is not clipped: a gap near 0 may come out slightly negative, and
+  clipping would bias small gaps upwards.
 * ``D`` (intraclass variance): the mean over classes of the unbiased (ddof 1) variance of
   a class's features around the class mean, summed over dimensions and divided by ``d``::
 
@@ -37,7 +77,7 @@ All three are measured on features of the *training* images:
   spread; such classes are left out). The subset of target images is class-stratified
   (:func:`stratified_indices`): every class gets its proportional share, and at least two.
 
-Dividing by ``k`` and ``d`` makes the numbers per feature dimension, so that feature
+Dividing by ``d`` makes both numbers per feature dimension, so that feature
 spaces of different widths (64 for a ResNet-20, 2048 for a ResNet-50) give numbers of one
 scale.
 
@@ -70,6 +110,7 @@ __all__ = [
     "PixelFeatures",
     "cached_features",
     "cached_outputs",
+    "complement_gap",
     "dataset_labels",
     "dataset_statistics",
     "domain_gap",
@@ -81,6 +122,7 @@ __all__ = [
     "gaussian_fit",
     "intraclass_variance",
     "principal_basis",
+    "principal_directions",
     "stratified_indices",
     "subset_indices",
 ]
@@ -166,6 +208,19 @@ def principal_basis(features: np.ndarray, dims: int = GAP_DIMS) -> np.ndarray:
     directions of zero variance (rows that span less than ``m - 1`` dimensions) are
     completed to an orthonormal set by a QR decomposition.
     """
+    return principal_directions(features, dims)[0]
+
+
+# A further principal direction counts as one of nonzero variance above this fraction of the largest variance.
+_VARIANCE_FLOOR = 1e-9
+
+
+def principal_directions(features: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(basis, further)``: ``basis`` is :func:`principal_basis`; ``further [d, r]`` are the
+    next principal directions of ``features``, largest variance first, those of nonzero
+    variance only (above ``_VARIANCE_FLOOR`` times the largest; orthonormal, orthogonal to
+    ``basis``; at most ``m - 1 - k`` of them when there are fewer rows than dimensions). The
+    one eigendecomposition :func:`principal_basis` needs gives both."""
     x = _as_matrix(features, "basis features")
     m, d = x.shape
     if dims < 1:
@@ -176,12 +231,19 @@ def principal_basis(features: np.ndarray, dims: int = GAP_DIMS) -> np.ndarray:
     centred = x - x.mean(axis=0)
     if m < d:
         gram = centred @ centred.T
-        _, vectors = np.linalg.eigh((gram + gram.T) / 2)
-        basis, _ = np.linalg.qr(centred.T @ vectors[:, ::-1][:, :k])
-        return basis
+        values, vectors = np.linalg.eigh((gram + gram.T) / 2)
+        values, vectors = values[::-1], vectors[:, ::-1]
+        basis, _ = np.linalg.qr(centred.T @ vectors[:, :k])
+        # For the Gram matrix's eigenpair (value, v), centred.T v / sqrt(value) is a unit
+        # principal direction of the rows.
+        kept = values[k:] > _VARIANCE_FLOOR * max(values[0], 0.0)
+        further = (centred.T @ vectors[:, k:][:, kept]) / np.sqrt(values[k:][kept])
+        return basis, further
     scatter = centred.T @ centred
-    _, vectors = np.linalg.eigh((scatter + scatter.T) / 2)
-    return np.ascontiguousarray(vectors[:, ::-1][:, :k])
+    values, vectors = np.linalg.eigh((scatter + scatter.T) / 2)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    kept = values[k:] > _VARIANCE_FLOOR * max(values[0], 0.0)
+    return np.ascontiguousarray(vectors[:, :k]), np.ascontiguousarray(vectors[:, k:][:, kept])
 
 
 def frechet_distance_infinity(a: np.ndarray, b: np.ndarray, *, seed: int | np.random.Generator = 0,
@@ -219,23 +281,105 @@ def frechet_distance_infinity(a: np.ndarray, b: np.ndarray, *, seed: int | np.ra
     return float(intercept), float(slope)
 
 
+def _spread_squares(features: np.ndarray, basis: np.ndarray, further: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Of one side's samples in the complement of ``basis``: the mean (in the full space,
+    its part along ``basis`` removed), each sample's squared deviation from the mean along
+    every direction of ``further`` and, as one more column where ``further`` leaves part of
+    the complement uncovered, in that remaining block; and the trace of the complement's
+    covariance (ddof 1)."""
+    mean = features.mean(axis=0)
+    residual = features - mean
+    residual -= (residual @ basis) @ basis.T
+    along = residual @ further
+    squares = along**2
+    lengths = np.einsum("ij,ij->i", residual, residual)
+    if basis.shape[1] + further.shape[1] < features.shape[1]:
+        block = np.clip(lengths - squares.sum(axis=1), 0.0, None)
+        squares = np.concatenate([squares, block[:, None]], axis=1)
+    return mean - basis @ (basis.T @ mean), squares, float(lengths.sum()) / (features.shape[0] - 1)
+
+
+def _jackknifed_spread(squares_a: np.ndarray, squares_b: np.ndarray) -> float:
+    """``sum_j (sqrt(var_a,j) - sqrt(var_b,j))^2`` over the columns of per-sample squared
+    deviations (variances ddof 1), its O(1/n) bias removed by the two-sample jackknife: the
+    variance without sample i is ``(SS - n / (n - 1) dev_i^2) / (n - 2)`` in closed form."""
+    def variances(squares: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        n = squares.shape[0]
+        total = squares.sum(axis=0)
+        without_one = np.clip(total - n / (n - 1) * squares, 0.0, None) / (n - 2)
+        return n, total / (n - 1), without_one
+
+    n_a, var_a, loo_a = variances(squares_a)
+    n_b, var_b, loo_b = variances(squares_b)
+    root_a, root_b = np.sqrt(var_a), np.sqrt(var_b)
+    plain = (root_a - root_b) ** 2
+    # Per column: the mean over left-out samples minus the full-sample value.
+    shift_a = ((np.sqrt(loo_a) - root_b) ** 2).mean(axis=0) - plain
+    shift_b = ((root_a - np.sqrt(loo_b)) ** 2).mean(axis=0) - plain
+    return float(np.sum(plain - (n_a - 1) * shift_a - (n_b - 1) * shift_b))
+
+
+def complement_gap(source: np.ndarray, target: np.ndarray, basis: np.ndarray, further: np.ndarray
+                   ) -> tuple[float, float]:
+    """The part of the squared Fréchet distance outside the span of ``basis [d, k]``
+    (orthonormal), in the complement Q: ``(mean, spread)``.
+
+    * ``mean``: ``||Q^T (mu_s - mu_t)||^2``, estimated without bias as
+      ``||Q^T (xbar_s - xbar_t)||^2 - tr(Q^T S_s Q) / n_s - tr(Q^T S_t Q) / n_t`` (S ddof 1;
+      the squared distance of two sample means exceeds the true one by exactly the two
+      traces over n on average).
+    * ``spread``: the Fréchet distance between the two sides' Gaussian fits with a
+      covariance diagonal along ``further [d, r]`` (orthonormal directions in Q, in
+      :func:`gap_estimate` the source basis features' next principal directions) and
+      isotropic in the rest R of Q: ``sum_j (sigma_s,j - sigma_t,j)^2 + (sqrt(tr_s,R) -
+      sqrt(tr_t,R))^2``, the standard deviations from unbiased variances, the sum's O(1/n)
+      bias removed by the jackknife (:func:`_jackknifed_spread`). It is at most the
+      covariance part of the Fréchet distance in Q (a coupling of the two Gaussians couples
+      their parts along each ``u_j`` and in R, and the squared distance adds up over them)
+      and at least the isotropic ``(sqrt(tr S_s,Q) - sqrt(tr S_t,Q))^2`` (reverse triangle
+      inequality); it sees a change of variance along a ``u_j`` or of the total in R, not
+      one that keeps all of those.
+
+    Neither is clipped at 0. Needs at least 3 samples of each side; costs two
+    ``[n, d] x [d, r]`` products.
+    """
+    source, target = _as_matrix(source, "source"), _as_matrix(target, "target")
+    if min(source.shape[0], target.shape[0]) < 3:
+        raise ValueError("the complement's jackknife needs at least 3 samples of each side")
+    mean_s, squares_s, trace_s = _spread_squares(source, basis, further)
+    mean_t, squares_t, trace_t = _spread_squares(target, basis, further)
+    difference = mean_s - mean_t
+    mean = float(difference @ difference) - trace_s / source.shape[0] - trace_t / target.shape[0]
+    return mean, _jackknifed_spread(squares_s, squares_t)
+
+
 def gap_estimate(source_features: np.ndarray, target_features: np.ndarray, *,
                  basis_features: np.ndarray | None = None, dims: int = GAP_DIMS, samples: int | None = None,
                  seed: int | np.random.Generator = 0) -> dict[str, Any]:
     """G and how it was measured: ``{"G", "dims" (k), "samples" (n, per side),
-    "uncorrected" (the plain Fréchet distance of the n samples / k)}``.
+    "subspace" (FD_inf / d, the part in the k principal directions), "complement_mean",
+    "complement_spread" (the two parts outside them, / d; 0 where k = d), "uncorrected"
+    (the plain Fréchet distance of the n samples in the k directions, before the
+    extrapolation and without the complement, also / d so that it compares with G)}``;
+    ``subspace + complement_mean + complement_spread`` is G up to rounding.
 
     ``n = min(len(source), len(target), samples)`` rows of each side are compared (a seeded
     random subset where a side has more), in ``k = min(d, dims, n // GAP_SAMPLES_PER_DIM)``
-    dimensions: the extrapolation needs a few samples per dimension (with fewer than two
-    it fails, the Gaussian fits being singular), so only sets of fewer than
-    ``GAP_SAMPLES_PER_DIM * dims`` images get a smaller ``k``. Where ``k < d`` the features
-    are projected onto the ``k`` leading principal directions of ``basis_features``
-    (:func:`principal_basis`, which also keeps ``k`` below their number of rows): source
-    features *disjoint* from ``source_features``, as a basis fitted on the compared sample
-    inflates its variance along the basis. Then ``G = FD_inf / k``
-    (:func:`frechet_distance_infinity`). ``seed`` (or a ``numpy.random.Generator``) fixes
-    the subsets.
+    principal directions: the extrapolation needs a few samples per dimension (with fewer
+    than two it fails, the Gaussian fits being singular), so only sets of fewer than
+    ``GAP_SAMPLES_PER_DIM * dims`` images get a smaller ``k``. Where ``k < d`` these are the
+    ``k`` leading principal directions of ``basis_features`` (:func:`principal_basis`, which
+    also keeps ``k`` below their number of rows): source features *disjoint* from
+    ``source_features``, as a basis fitted on the compared sample inflates its variance
+    along the basis. In them the Fréchet distance is extrapolated to infinitely many samples
+    (:func:`frechet_distance_infinity`, ``FD_inf``); in the other ``d - k`` dimensions the
+    mean difference and the spread are estimated without the small-sample bias
+    (:func:`complement_gap`, along the further principal directions of
+    ``basis_features``). Then ``G = (FD_inf + mean + spread) / d``: per dimension of the
+    whole feature space, so that a unit mean shift adds ``1 / d`` wherever it lies, and
+    where ``k = d`` G is ``FD_inf / d = FD_inf / k`` alone (bit for bit the earlier value).
+    ``seed`` (or a ``numpy.random.Generator``) fixes the subsets.
     """
     source = _as_matrix(source_features, "source_features")
     target = _as_matrix(target_features, "target_features")
@@ -253,18 +397,22 @@ def gap_estimate(source_features: np.ndarray, target_features: np.ndarray, *,
     if target.shape[0] > n:
         target = target[np.sort(rng.choice(target.shape[0], size=n, replace=False))]
     k = min(d, dims, max(n // GAP_SAMPLES_PER_DIM, 1))
+    mean = spread = 0.0
     if k < d:
         if basis_features is None:
             raise ValueError(f"{d}-d features need basis_features (source features disjoint from "
                              f"source_features) to reduce them to {k} dimensions")
-        basis = principal_basis(basis_features, k)
-        if basis.shape[0] != d:
-            raise ValueError(f"basis_features have {basis.shape[0]} dimensions, the features {d}")
+        if np.shape(basis_features)[-1] != d:
+            raise ValueError(f"basis_features have {np.shape(basis_features)[-1]} dimensions, the features {d}")
+        basis, further = principal_directions(basis_features, k)
+        mean, spread = complement_gap(source, target, basis, further)
         source, target = source @ basis, target @ basis
         k = basis.shape[1]
     extrapolated, _ = frechet_distance_infinity(source, target, seed=rng)
     uncorrected = frechet_distance(*gaussian_fit(source), *gaussian_fit(target))
-    return {"G": extrapolated / k, "dims": k, "samples": n, "uncorrected": uncorrected / k}
+    # Per dimension of the whole feature space (d, not k): where k = d this is FD_inf / k as before.
+    return {"G": (extrapolated + mean + spread) / d, "dims": k, "samples": n, "subspace": extrapolated / d,
+            "complement_mean": mean / d, "complement_spread": spread / d, "uncorrected": uncorrected / d}
 
 
 def domain_gap(source_features: np.ndarray, target_features: np.ndarray, **kwargs: Any) -> float:
@@ -710,8 +858,9 @@ def dataset_statistics(target_train: Dataset, source_train: Dataset, extractor: 
     * a class-stratified subset of ``max_samples`` target images (:func:`stratified_indices`;
       more only where the dataset has over ``max_samples / 2`` classes): D uses all of them;
     * a random subset of ``2 * max_samples`` source images, split at random into two
-      halves: one only fits the principal directions G is measured along (where ``k < d``),
-      the other is compared with the target.
+      halves: one only fits the principal directions G is measured along (where ``k < d``:
+      the k leading ones, and the further ones its complement part uses), the other is
+      compared with the target.
 
     G compares ``n = min(max_samples, target images, source images / 2)`` images of each
     side in ``k = min(d, gap_dims, n // 3)`` dimensions (:func:`gap_estimate`).
@@ -719,8 +868,12 @@ def dataset_statistics(target_train: Dataset, source_train: Dataset, extractor: 
     ``{"N": len(target_train), "G", "D", "feature_dim": d, "samples": target images
     extracted, "source_samples": source images extracted, "gap_dims": k, "gap_samples": n,
     "gap_basis_samples": source images the directions were fitted on (0: no reduction),
-    "G_uncorrected": the Fréchet distance of the n samples / k before the extrapolation,
-    "D_classes": classes D averages over}``. Raises :class:`UserError` when the sets are
+    "G_uncorrected": the plain Fréchet distance of the n samples in the k directions before
+    the extrapolation (no complement part), / d like G, "G_subspace": the part of G in the k
+    directions, "G_complement": the part outside them (0 where k = d), the sum of
+    "G_complement_mean" (mean shift) and "G_complement_spread" (change of spread), all / d,
+    "D_classes": classes D averages over}`` (G is ``G_subspace + G_complement`` up to
+    rounding). Raises :class:`UserError` when the sets are
     too small (G needs 4 target and 8 source images, D a class with 2 images).
     """
     if max_samples is not None and max_samples < 1:
@@ -757,5 +910,9 @@ def dataset_statistics(target_train: Dataset, source_train: Dataset, extractor: 
         "gap_samples": gap["samples"],
         "gap_basis_samples": int(basis_part.shape[0]) if gap["dims"] < d else 0,
         "G_uncorrected": gap["uncorrected"],
+        "G_subspace": gap["subspace"],
+        "G_complement": gap["complement_mean"] + gap["complement_spread"],
+        "G_complement_mean": gap["complement_mean"],
+        "G_complement_spread": gap["complement_spread"],
         "D_classes": int((counts >= 2).sum()),
     }

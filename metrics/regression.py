@@ -9,6 +9,11 @@ Standard errors, t values, p values and R^2 come from statsmodels' OLS. The same
 also fitted with ``G``, ``D`` and ``ln N`` standardised (mean 0, sample standard deviation
 1), so that the three effects can be compared on one scale; ``ln T`` is left as it is.
 
+The paper's finding 1 (domain gap has a smaller effect than intraclass variance and data
+amount) is judged on that scale by :func:`finding1`: a Wald test of each difference of
+absolute standardised coefficients, ``|beta_G| - |beta_D|`` and ``|beta_G| - |beta_logN|``
+(:func:`compare_effects`).
+
 Everything here is a pure function (rows in, numbers, text or image bytes out); reading the
 table is the only I/O, and its problems are reported as :class:`utils.UserError`.
 """
@@ -36,6 +41,13 @@ NUMERIC_COLUMNS = ("G", "D", "N", "T")
 TERMS = ("G", "D", "log_N", "intercept")
 PREDICTORS = TERMS[:3]
 MIN_ROWS = len(TERMS) + 1  # at least one residual degree of freedom
+SIGNIFICANCE = 0.05  # the level of finding 1's comparisons
+
+# The paper's published ResNet-50 equation, ln T = -0.26 G + 0.32 D - 0.61 ln N + 2.86 (which
+# OLS on the paper's own table does not reproduce; see docs/analysis.md).
+PUBLISHED_RESNET50 = {"G": -0.26, "D": 0.32, "log_N": -0.61, "intercept": 2.86}
+FINDING1_CLAIM = ("Domain gap has a smaller effect on transferability than the downstream intraclass "
+                  "variance and data amount.")
 
 Row = Mapping[str, object]
 
@@ -111,7 +123,10 @@ class RegressionFit:
     Each of ``coefficients``, ``std_errors``, ``t_values`` and ``p_values`` maps the
     keys ``G``, ``D``, ``log_N`` and ``intercept`` to a float. ``standardized`` is the same
     fit with the three predictors standardised (its own ``standardized`` is ``None``).
-    ``log_label`` names the logarithm used (``ln`` for the natural one).
+    ``log_label`` names the logarithm used (``ln`` for the natural one). ``covariance`` is
+    the OLS covariance matrix of the coefficients, ``covariance[a][b]`` for two terms (its
+    diagonal is the square of ``std_errors``), and ``df_resid`` the residual degrees of
+    freedom, ``n`` minus the 4 parameters.
     """
 
     coefficients: dict[str, float]
@@ -123,6 +138,8 @@ class RegressionFit:
     n: int
     standardized: RegressionFit | None = None
     log_label: str = "ln"
+    covariance: dict[str, dict[str, float]] | None = None
+    df_resid: int | None = None
 
 
 def _log_label(log: Callable[[float], float]) -> str:
@@ -176,6 +193,8 @@ def _ols(predictors: np.ndarray, response: np.ndarray, log_label: str) -> Regres
     def by_term(values: np.ndarray) -> dict[str, float]:
         return {term: float(value) for term, value in zip(TERMS, np.asarray(values))}
 
+    covariance = np.asarray(result.cov_params())
+
     return RegressionFit(
         coefficients=by_term(result.params),
         std_errors=by_term(result.bse),
@@ -186,6 +205,8 @@ def _ols(predictors: np.ndarray, response: np.ndarray, log_label: str) -> Regres
         n=int(result.nobs),
         standardized=None,
         log_label=log_label,
+        covariance={term: by_term(row) for term, row in zip(TERMS, covariance)},
+        df_resid=int(round(result.df_resid)),
     )
 
 
@@ -234,6 +255,155 @@ def partial_residuals(
     return sm.OLS(column, others).fit().resid, sm.OLS(response, others).fit().resid
 
 
+# ---------------------------------------------------------------------------- finding 1
+
+
+@dataclass(frozen=True)
+class EffectComparison:
+    """A Wald test of ``|beta_G| - |beta_other|`` in the standardised fit.
+
+    With ``s_x`` the sign of ``beta_x`` (+1 for 0), the contrast ``c = s_G e_G - s_other
+    e_other`` gives ``difference = c' beta = |beta_G| - |beta_other|`` and ``std_error =
+    sqrt(c' V c)`` (``V`` the OLS covariance of the coefficients); ``t = difference /
+    std_error`` and ``p`` is its two-sided p value from Student's t with ``df`` (the residual
+    degrees of freedom): what statsmodels' ``result.t_test(c)`` gives. The signs are taken
+    as they were fitted, so the test reads as a comparison of magnitudes only while both
+    coefficients are clearly away from 0 (near 0, ``|beta|`` is not smooth and the p value is
+    approximate).
+    """
+
+    other: str  # "D" or "log_N"
+    difference: float  # |beta_G| - |beta_other|; negative: G's effect is the smaller
+    std_error: float
+    t: float
+    p: float
+    df: int
+
+    def outcome(self, alpha: float = SIGNIFICANCE) -> str:
+        """``smaller`` / ``larger`` (G's effect than the other's, at level ``alpha``) or
+        ``undetermined``."""
+        if self.p < alpha and self.difference < 0:
+            return "smaller"
+        if self.p < alpha and self.difference > 0:
+            return "larger"
+        return "undetermined"
+
+    def as_dict(self, alpha: float = SIGNIFICANCE) -> dict:
+        """The fields and ``outcome`` (at ``alpha``), as plain JSON-serialisable values."""
+        return {"other": self.other, "difference": float(self.difference), "std_error": float(self.std_error),
+                "t": float(self.t), "p": float(self.p), "df": int(self.df), "outcome": self.outcome(alpha)}
+
+
+def _standardized(fit: RegressionFit) -> RegressionFit:
+    if fit.standardized is None or fit.standardized.covariance is None or fit.standardized.df_resid is None:
+        raise ValueError("the comparison needs a fit from fit_log_transferability (with its standardised fit "
+                         "and covariance)")
+    return fit.standardized
+
+
+def compare_effects(fit: RegressionFit, other: str) -> EffectComparison:
+    """Compare the magnitude of G's standardised coefficient with that of ``other`` (``D`` or
+    ``log_N``) in ``fit.standardized`` by a Wald test (see :class:`EffectComparison`).
+    ``fit`` is what :func:`fit_log_transferability` returns."""
+    from scipy import stats
+
+    if other not in PREDICTORS[1:]:
+        raise ValueError(f"other must be one of {', '.join(PREDICTORS[1:])}, not {other!r}")
+    std = _standardized(fit)
+    beta = std.coefficients
+    contrast = {term: 0.0 for term in TERMS}
+    contrast["G"] = 1.0 if beta["G"] >= 0 else -1.0
+    contrast[other] = -1.0 if beta[other] >= 0 else 1.0
+    difference = sum(contrast[term] * beta[term] for term in TERMS)
+    variance = sum(contrast[a] * std.covariance[a][b] * contrast[b] for a in TERMS for b in TERMS)
+    se = math.sqrt(max(variance, 0.0))
+    df = int(std.df_resid)
+    if se > 0:
+        t = difference / se
+    else:  # an exact fit: no residual variance
+        t = 0.0 if difference == 0 else math.copysign(math.inf, difference)
+    p = float(2 * stats.t.sf(abs(t), df))
+    return EffectComparison(other, float(difference), float(se), float(t), p, df)
+
+
+def sign_differences(fit: RegressionFit, published: Mapping[str, float] = PUBLISHED_RESNET50) -> list[str]:
+    """The predictors (of ``G``, ``D``, ``log_N``, in that order) whose fitted coefficient has
+    another sign than in ``published`` (by default the paper's ResNet-50 equation). Raw and
+    standardised coefficients have the same signs; a coefficient of exactly 0 differs from
+    any non-zero published one."""
+    def sign(value: float) -> int:
+        return (value > 0) - (value < 0)
+
+    return [term for term in PREDICTORS if sign(fit.coefficients[term]) != sign(published[term])]
+
+
+def _p_text(p: float) -> str:
+    return f"{p:.2g}"
+
+
+def _sign_text(value: float) -> str:
+    return "+" if value > 0 else "-" if value < 0 else "0"
+
+
+def finding1(fit: RegressionFit, alpha: float = SIGNIFICANCE) -> dict:
+    """The verdict on "domain gap has a smaller effect on transferability than intraclass
+    variance and data amount" from the standardised fit of ``fit``:
+
+    * ``supported`` when G's effect is smaller than each of D's and ln N's (both
+      :func:`compare_effects` differences negative with p < ``alpha``);
+    * ``contradicted`` when it is larger than either (a positive difference with p < ``alpha``);
+    * ``undetermined`` otherwise; the evidence names the comparison(s) that decide nothing.
+
+    Returns ``{"claim", "verdict", "evidence", "comparisons", "sign_differences"}``:
+    ``comparisons`` holds :meth:`EffectComparison.as_dict` of the two tests (G vs D, G vs
+    log_N), ``sign_differences`` the predictors whose fitted sign is not the one of the
+    paper's ResNet-50 equation (:data:`PUBLISHED_RESNET50`).
+    """
+    std = _standardized(fit)
+    comparisons = [compare_effects(fit, other) for other in PREDICTORS[1:]]
+    outcomes = [c.outcome(alpha) for c in comparisons]
+    if "larger" in outcomes:
+        verdict = "contradicted"
+    elif all(outcome == "smaller" for outcome in outcomes):
+        verdict = "supported"
+    else:
+        verdict = "undetermined"
+
+    def label(term: str) -> str:
+        return _term_label(term, std.log_label, standardized=True)
+
+    tests = "; ".join(
+        f"|{label('G')}| vs |{label(c.other)}|: difference {c.difference:+.3f} (se {c.std_error:.3f}), "
+        f"p = {_p_text(c.p)} ({outcome})" for c, outcome in zip(comparisons, outcomes))
+    coefficients = ", ".join(f"{label(term)} {std.coefficients[term]:+.3f} (p = {_p_text(std.p_values[term])})"
+                             for term in PREDICTORS)
+    differing = sign_differences(std)
+    if differing:
+        signs = "signs differing from the paper's ResNet-50 equation: " + ", ".join(
+            f"{_term_label(term, std.log_label, False)} ({_sign_text(std.coefficients[term])} here, "
+            f"{_sign_text(PUBLISHED_RESNET50[term])} published)" for term in differing)
+    else:
+        signs = "every sign as in the paper's ResNet-50 equation"
+    evidence = (f"{tests}; standardised coefficients of {std.log_label} T: {coefficients}; {signs}; "
+                f"R^2 = {std.r2:.2f}, n = {std.n}")
+    return {"claim": FINDING1_CLAIM, "verdict": verdict, "evidence": evidence,
+            "comparisons": [c.as_dict(alpha) for c in comparisons], "sign_differences": differing}
+
+
+def format_finding1(verdict: Mapping[str, object], log_label: str = "ln") -> str:
+    """:func:`finding1`'s result as a few readable lines (the comparisons, then the verdict)."""
+    lines = ["Finding 1: " + str(verdict["claim"])]
+    for c in verdict["comparisons"]:  # type: ignore[union-attr]
+        other = _term_label(c["other"], log_label, standardized=True)
+        lines.append(f"  |z(G)| - |{other}|".ljust(22) + f"= {c['difference']:+.4f}   std err {c['std_error']:.4f}"
+                     f"   t {c['t']:+.3f}   p {_format_p(c['p'])}   df {c['df']}   {c['outcome']}")
+    if verdict.get("sign_differences"):
+        lines.append("  signs unlike the paper's ResNet-50 equation: "
+                     + ", ".join(_term_label(t, log_label, False) for t in verdict["sign_differences"]))  # type: ignore[union-attr]
+    lines.append(f"  verdict: {verdict['verdict']}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- reporting
 
 
@@ -248,6 +418,10 @@ def fit_to_dict(fit: RegressionFit) -> dict:
         "adj_r2": float(fit.adj_r2),
         "n": int(fit.n),
     }
+    if fit.covariance is not None:
+        out["covariance"] = {term: dict(row) for term, row in fit.covariance.items()}
+    if fit.df_resid is not None:
+        out["df_resid"] = int(fit.df_resid)
     if fit.standardized is not None:
         out["standardized"] = fit_to_dict(fit.standardized)
     return out

@@ -36,6 +36,7 @@ __all__ = [
     "build_model",
     "check_architecture",
     "fresh_head",
+    "fresh_initialisation",
     "infer_arch",
     "layer_groups",
     "num_classes_of",
@@ -162,6 +163,26 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     if arch not in ARCHITECTURES:
         raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[arch].builder(num_classes)
+
+
+def fresh_initialisation(arch: str, num_classes: int, seed: int) -> dict[str, torch.Tensor]:
+    """The state dict of ``build_model(arch, num_classes)`` built right after seeding torch's
+    CPU generator with ``seed``: what pre-training saves as theta_r when it starts from that
+    seed (``engine.runs``: ``seed_everything(seed)``, then ``build_model``), so the same seed
+    gives the same tensors, bit for bit.
+
+    The caller's random state is left as it was: torch's CPU generator is saved and restored,
+    and no other generator (CUDA's, numpy's, Python's) is touched.
+    """
+    if arch not in ARCHITECTURES:
+        raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    state = torch.get_rng_state()
+    try:
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed would also seed every CUDA device
+        with torch.device("cpu"):
+            return build_model(arch, num_classes).state_dict()
+    finally:
+        torch.set_rng_state(state)
 
 
 def fresh_head(model: nn.Module, arch: str) -> nn.Linear:

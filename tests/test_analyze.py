@@ -1,6 +1,7 @@
 """analyze.py (stats, regress, figure) and reproduce.py end to end in a tiny configuration."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,6 +15,9 @@ import torch
 import analyze
 import reproduce
 from models import build_model
+from study import cli as study_cli
+from study import presets
+from study import runs as study_runs
 from utils import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +103,30 @@ def test_regress_cli_writes_json_and_figure(tmp_path, capsys):
     assert fig.read_bytes().startswith(PNG)
 
 
+def test_regress_judges_finding1_in_the_printout_and_the_json(tmp_path, capsys):
+    from metrics.regression import compare_effects, fit_log_transferability, read_table
+
+    fit_json = tmp_path / "fit.json"
+    table = REPO / "data" / "paper_table.csv"
+    assert run_cli(analyze.main, ["regress", str(table), "--json", str(fit_json), "--no_fig"]) == 0
+    out = capsys.readouterr().out
+    expected = {other: compare_effects(fit_log_transferability(read_table(table)), other) for other in ("D", "log_N")}
+    lines = out.splitlines()
+    by_d = next(line for line in lines if line.strip().startswith("|z(G)| - |z(D)|"))
+    by_n = next(line for line in lines if line.strip().startswith("|z(G)| - |z(ln N)|"))
+    assert f"{expected['D'].difference:+.4f}" in by_d and "p 0.8810" in by_d and by_d.endswith("undetermined")
+    assert f"{expected['log_N'].difference:+.4f}" in by_n and "p 0.0045" in by_n and by_n.endswith("smaller")
+    assert lines.index(by_n) > lines.index(by_d) > next(i for i, line in enumerate(lines) if "z(ln N)" in line)
+    assert lines[-1].strip() == "verdict: undetermined"
+    data = json.loads(fit_json.read_text())
+    verdict = data["finding1"]
+    assert verdict["verdict"] == "undetermined" and set(verdict) >= {"claim", "evidence", "comparisons"}
+    assert [c["other"] for c in verdict["comparisons"]] == ["D", "log_N"]
+    assert verdict["comparisons"][1]["p"] == pytest.approx(expected["log_N"].p, rel=1e-12)
+    assert verdict["comparisons"][0]["df"] == data["standardized"]["df_resid"] == 8
+    assert set(data["standardized"]["covariance"]) == {"G", "D", "log_N", "intercept"}
+
+
 def test_regress_bad_table(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("dataset,G,D\nx,1,2\n")
@@ -170,22 +198,42 @@ def test_reproduce_tiny_study_end_to_end_and_cached(tmp_path, capsys, monkeypatc
     assert run_cli(reproduce.main, ["--preset", "tiny", "--out", str(out), "--device", "cpu"]) == 0
     report = (out / "report.md").read_text()
     assert "Domain gap G" in report and "ln T" in report
-    assert "## Did pre-training leave the initialisation?" in report and "cos_init |" in report
-    assert "Finding | This study | The paper's data" in report
+    assert "## Pre-training regimes: did pre-training leave the initialisation?" in report and "| cos_init |" in report
+    assert "### Finding 1" in report and "### Finding 2" in report and "the paper's ResNet-50 table | T |" in report
+    assert "## What T measures: the shrinking of the weights" in report and "| shrink |" in report
+    assert "## A fresh initialisation instead of theta_r" in report
     assert "paper: CIFAR-10 | +0.51" in report  # the paper's curves judged beside the study's
     for figure in ("regression.png", "layerwise_transferability.png"):
         assert (out / figure).read_bytes().startswith(PNG)
         assert f"]({figure})" in report
     summary = json.loads((out / "study.json").read_text())
-    targets = reproduce.target_configs(reproduce.PRESETS["tiny"])
+    targets = presets.target_configs(presets.PRESETS["tiny"])
     assert len(summary["runs"]) == len(targets) == 8
-    assert [f["verdict"] for f in summary["paper_findings"]] == ["no detectable effect of G", "supported"]
-    assert all(f["verdict"] in ("supported", "not supported", "no detectable effect of G") for f in summary["findings"])
+    assert [f["verdict"] for f in summary["paper_findings"]] == ["undetermined", "supported"]
+    assert summary["findings"][0]["verdict"] in ("supported", "contradicted", "undetermined")
+    assert summary["findings"][1]["verdict"] in ("supported", "not supported")
+    # both regimes, both metrics, side by side; the second regime runs the data set knobs only
+    regimes = summary["regimes"]
+    assert [r["name"] for r in regimes] == ["lr/wd 1,000", "lr/wd 100"]
+    assert [r["diagnostics"]["lr_wd_ratio"] for r in regimes] == pytest.approx([1000, 100])
+    assert len(regimes[1]["runs"]) == 7 and all(run["knob"] != "lr" for run in regimes[1]["runs"])
+    for regime in regimes:
+        assert set(regime["findings"]) == {"T", "T_scale_free"}
+        assert regime["random_draws"]["reproduces_theta_r"] is True
+        assert len(regime["diagnostics"]["shrink"]) == 10
+        for run in regime["runs"]:
+            assert len(run["layers_scale_free"]) == len(run["layers"]) == 11 and run["layers_scale_free"][-1] == 1.0
+            body = [v for v in run["layers_scale_free"][:-1] if math.isfinite(v)]
+            assert run["T_scale_free"] == pytest.approx(sum(body) / len(body))
+        # the report's regression of the scale-free T is the fit of its own rows
+        for metric in ("T", "T_scale_free"):
+            at_base = [run for run in regime["runs"] if run["knob"] != "lr"]
+            assert regime["findings"][metric]["fit"]["n"] == len(at_base)
     assert len(summary["diagnostics"]["cos_init"]) == 10 and summary["timing"]["finetune"] > 0
     # the regression leaves out the lr knob's run: one row per run at the seed's lr
     assert len((out / "study_table.csv").read_text().splitlines()) == 1 + 7
     results = sorted((out / "finetune").glob("*/result.json"))
-    assert len(results) == 8
+    assert len(results) == 8 + 7
     # the estimators of every target, and their agreement with T and accuracy over the 7 runs at the base lr
     assert "## Feature-based estimators" in report and "Estimator | tau vs T | r vs T" in report
     assert all(set(stats["estimators"]) == {"logme", "leep", "nce", "hscore", "knn"}
@@ -229,22 +277,22 @@ def test_reproduce_tiny_study_end_to_end_and_cached(tmp_path, capsys, monkeypatc
 
 def test_run_keys_hold_every_setting_that_changes_numbers(monkeypatch):
     """Another device type, recipe version, lr or weight decay is another run, never a cached one."""
-    study = reproduce.PRESETS["tiny"]
-    base = reproduce.target_configs(study)[0]
+    study = presets.PRESETS["tiny"]
+    base = presets.target_configs(study)[0]
 
     class Keyed(Exception):
         pass
 
-    def key_of(device="cpu", recipe=reproduce.RECIPE, lr=base.lr, **changes):
+    def key_of(device="cpu", recipe=presets.RECIPE, lr=base.lr, **changes):
         def stop(payload):
             raise Keyed(json.dumps(payload))
 
         with monkeypatch.context() as patch:
-            patch.setattr(reproduce, "digest", stop)
-            patch.setattr(reproduce, "RECIPE", recipe)
+            patch.setattr(study_runs, "digest", stop)
+            patch.setattr(study_runs, "RECIPE", recipe)
             with pytest.raises(Keyed) as caught:
-                reproduce.finetune_and_measure(reproduce.replace(study, **changes), Path("pretrain-x"),
-                                               reproduce.Target(base.name, None, base.options, lr), 1,
+                study_runs.finetune_and_measure(dataclasses.replace(study, **changes), Path("pretrain-x"),
+                                               presets.Target(base.name, None, base.options, lr), 1,
                                                Path("unused"), device)
         return str(caught.value)
 
@@ -259,18 +307,18 @@ def test_run_keys_hold_every_setting_that_changes_numbers(monkeypatch):
             raise Keyed(json.dumps(payload))
 
         with monkeypatch.context() as patch:
-            patch.setattr(reproduce, "digest", stop)
+            patch.setattr(study_runs, "digest", stop)
             with pytest.raises(Keyed) as caught:
-                reproduce.pretrain(study, Path("unused"), device)
+                study_runs.pretrain(study, Path("unused"), device)
         return str(caught.value)
 
     assert pretrain_key("cpu") != pretrain_key("cuda") and "amp-off/tf32-on" in pretrain_key("cuda")
 
 
 def test_target_configs_vary_one_knob_at_a_time():
-    study = reproduce.PRESETS["paper"]
-    targets = reproduce.target_configs(study)
-    assert targets[0] == reproduce.Target("base", None, study.target, study.finetune_lr)
+    study = presets.PRESETS["paper"]
+    targets = presets.target_configs(study)
+    assert targets[0] == presets.Target("base", None, study.target, study.finetune_lr)
     for target in targets[1:]:
         differing = [k for k in target.options if target.options[k] != study.target[k]]
         if target.knob == "lr":
@@ -280,19 +328,48 @@ def test_target_configs_vary_one_knob_at_a_time():
             assert target.name == f"{target.knob}={target.options[target.knob]}"
     assert len(targets) == 9
     # each knob's panel holds its levels in order, the base among them
-    assert [t.name for t in reproduce.knob_levels(study, "gap")] == ["gap=0.0", "base", "gap=1.0"]
-    assert [t.lr for t in reproduce.knob_levels(study, "lr")] == [0.003, 0.01, 0.03]
+    assert [t.name for t in presets.knob_levels(study, "gap")] == ["gap=0.0", "base", "gap=1.0"]
+    assert [t.lr for t in presets.knob_levels(study, "lr")] == [0.003, 0.01, 0.03]
 
 
 def test_paper_preset_is_in_the_papers_regime_on_paper():
     """What the preset promises before it runs: an lr x weight-decay budget within 15 % of the
     seed's 120 ImageNet epochs, a source task harder than the targets, the seed's fine-tuning."""
-    study = reproduce.PRESETS["paper"]
-    assert reproduce.IMAGENET_LR_WD_BUDGET == pytest.approx(2.222, abs=1e-3)
-    assert abs(reproduce.pretraining_budget(study) / reproduce.IMAGENET_LR_WD_BUDGET - 1) < 0.15
-    assert reproduce.source_images(study) == 200 * 150 and study.target["classes"] < 200
+    study = presets.PRESETS["paper"]
+    assert presets.IMAGENET_LR_WD_BUDGET == pytest.approx(2.222, abs=1e-3)
+    assert abs(presets.pretraining_budget(study) / presets.IMAGENET_LR_WD_BUDGET - 1) < 0.15
+    assert presets.source_images(study) == 200 * 150 and study.target["classes"] < 200
     assert (study.finetune_lr, study.finetune_weight_decay, study.batch_size) == (0.01, 1e-4, 128)
-    assert reproduce.parse_args([]).preset == "paper"
+    assert study_cli.parse_args([]).preset == "paper"
+
+
+def test_paper_preset_compares_a_second_regime_at_the_seeds_lr_wd_ratio(monkeypatch):
+    """The second pre-training has the seed's lr / weight decay (1,000, against 14) at the main
+    regime's budget, runs the data set knobs, and is cached apart; the main regime's cache key
+    is the one the shipped study was run with."""
+    study = presets.PRESETS["paper"]
+    (name, main), (other_name, other) = study.all_regimes()
+    assert presets.lr_wd_ratio(main) == pytest.approx(0.1 / 7e-3)
+    assert presets.lr_wd_ratio(other) == pytest.approx(presets.SEED_LR_WD_RATIO) == pytest.approx(1000)
+    assert abs(presets.pretraining_budget(other) / presets.pretraining_budget(main) - 1) < 0.02
+    assert set(other.levels) == {"gap", "var", "n"} and other.regimes == () and other_name != name
+    assert [t.name for t in presets.target_configs(other)] == [t.name for t in presets.target_configs(main)
+                                                              if t.knob != "lr"]
+
+    class Keyed(Exception):
+        pass
+
+    def folder(study_of_regime):
+        def stop(payload):
+            raise Keyed(payload)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(study_runs, "digest", lambda payload: stop(presets.digest(payload)))
+            with pytest.raises(Keyed) as caught:
+                study_runs.pretrain(study_of_regime, Path("unused"), "cpu")
+        return str(caught.value)
+
+    assert folder(main) == "2cc69af47c" and folder(other) == "c0f0c0595e"
 
 
 def test_stats_fills_t_from_labelled_results_and_feeds_regress(tmp_path, capsys):
@@ -478,7 +555,7 @@ def test_reproduce_stopped_by_a_signal_inside_or_outside_training_says_so_and_re
     argv = ["--preset", "tiny", "--out", str(tmp_path / "study"), "--device", "cpu"]
     expected = ("reproduce.py: stopped by {} (exit status {}); the finished runs are kept under "
                 f"{tmp_path / 'study'}: run reproduce.py again with the same flags to resume the study")
-    original = reproduce.finetune_and_measure
+    original = study_runs.finetune_and_measure
     calls = []
 
     def signal_between_runs(*args, **kwargs):  # outside training: after the second fine-tuning run
@@ -488,7 +565,7 @@ def test_reproduce_stopped_by_a_signal_inside_or_outside_training_says_so_and_re
             os.kill(os.getpid(), signal.SIGINT)
         return result
 
-    monkeypatch.setattr(reproduce, "finetune_and_measure", signal_between_runs)
+    monkeypatch.setattr(study_runs, "finetune_and_measure", signal_between_runs)
     assert run_cli(reproduce.main, argv) == 130
     assert stop_line(capsys) == expected.format("SIGINT", 130) and len(calls) == 2
     monkeypatch.undo()
@@ -510,4 +587,4 @@ def test_reproduce_stopped_by_a_signal_inside_or_outside_training_says_so_and_re
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     assert run_cli(reproduce.main, argv) == 0
     assert (tmp_path / "study" / "report.md").exists()
-    assert len(list((tmp_path / "study" / "finetune").glob("*/result.json"))) == 8
+    assert len(list((tmp_path / "study" / "finetune").glob("*/result.json"))) == 8 + 7

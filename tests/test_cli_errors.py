@@ -23,6 +23,7 @@ import cal_transferability
 from metrics import FrozenLayerWarning
 from models import build_model
 from tests.test_checkpoint_io import UNSAFE_FILES, write_unsafe_file
+from tests.test_transferability import reference_scale_free
 from utils import run_cli
 
 PROG = "cal_transferability.py"
@@ -343,6 +344,48 @@ def test_random_init_seed_out_of_range_is_refused_before_loading(cal_cli, tiny_t
     guarded_outputs.assert_untouched()
 
 
+@pytest.mark.parametrize("value", ["1", "3"])
+def test_random_draws_without_random_init_is_refused(cal_cli, tiny_trio, guarded_outputs, value):
+    """A file given to -r is one fixed theta_r: there is nothing to draw again, whatever K."""
+    result = cal_cli(*trio_argv(tiny_trio), "--random_draws", value, *guarded_outputs.argv())
+    assert_user_error(result, f"--random_draws {value}: needs -r random:SEED", f"-r {tiny_trio.r}")
+    guarded_outputs.assert_untouched()
+
+
+def test_random_draws_on_the_demo_checkpoints_is_refused(cal_cli, guarded_outputs):
+    result = cal_cli("--random_draws", "2", *guarded_outputs.argv())
+    assert_user_error(result, "--random_draws 2: needs -r random:SEED")
+    guarded_outputs.assert_untouched()
+
+
+@pytest.mark.parametrize("value,needle", [("0", "--random_draws 0: must be at least 1"),
+                                          ("-2", "--random_draws -2: must be at least 1"),
+                                          ("two", "--random_draws two: not a whole number")])
+def test_random_draws_that_is_not_a_positive_integer(cal_cli, tiny_trio, guarded_outputs, value, needle):
+    result = cal_cli("-r", "random:0", "-a", tiny_trio.a, "-b", tiny_trio.b, "--random_draws", value,
+                     *guarded_outputs.argv())
+    assert_user_error(result, needle)
+    guarded_outputs.assert_untouched()
+
+
+def test_random_draws_whose_seeds_leave_the_generators_range(cal_cli, tiny_trio, guarded_outputs, tmp_path):
+    """SEED + K - 1 must still be a seed torch takes (at most 2**64 - 1); checked before reading."""
+    last = 2**64 - 1
+    ok = cal_cli("-r", f"random:{last - 1}", "-a", tmp_path / "missing.pth", "-b", tiny_trio.b, "--random_draws", "2",
+                 *guarded_outputs.argv())
+    assert_user_error(ok, "missing.pth")  # the seeds were accepted: the missing file is what is refused
+    result = cal_cli("-r", f"random:{last - 1}", "-a", tiny_trio.a, "-b", tiny_trio.b, "--random_draws", "3",
+                     *guarded_outputs.argv())
+    assert_user_error(result, "--random_draws 3", "2**64 - 1")
+    guarded_outputs.assert_untouched()
+
+
+def test_unknown_fig_metric(cal_cli, tiny_trio, guarded_outputs):
+    result = cal_cli(*trio_argv(tiny_trio), "--fig_metric", "sf", *guarded_outputs.argv())
+    assert_user_error(result, "--fig_metric", "sf")
+    guarded_outputs.assert_untouched()
+
+
 def test_label_count_that_does_not_match_the_finetuned_files(cal_cli, tiny_trio, guarded_outputs):
     result = cal_cli(*trio_argv(tiny_trio), "--labels", "cifar10", "dtd", *guarded_outputs.argv())
     assert_user_error(result, "--labels", "2 labels", "1 -b")
@@ -376,10 +419,12 @@ def test_cuda_device_without_a_gpu(cal_cli, tiny_trio, guarded_outputs):
 def test_valid_trio_prints_the_seed_format(cal_cli, tiny_trio):
     result = cal_cli(*trio_argv(tiny_trio), "--no_fig")
     assert result.status == 0, result.err
+    scale_free = reference_scale_free(tiny_trio.groups, tiny_trio.theta_r, tiny_trio.theta_a, tiny_trio.theta_b)
     assert result.out.splitlines() == [
         f"theta_FB: {tiny_trio.b.name}",
         "Layer-wise transferability:  [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 1.0]",
         "Overall transferability: 3.00",
+        f"Overall scale-free transferability: {sum(scale_free[:-1]) / 10:.2f}",
     ]
     # the tiny trio's theta_A is theta_r plus a small step, so the diagnostic note is the only other output
     assert result.err.splitlines() == [
@@ -402,10 +447,13 @@ def test_json_output_schema_and_values(cal_cli, tiny_trio, tmp_path):
     layers = entry["layers"]
     assert [layer["name"] for layer in layers] == RESNET20_POINTS
     for layer in layers:
-        assert set(layer) == {"name", "transferability", "d_random", "d_pretrained", "d_init", "cos_init", "status"}
+        assert set(layer) == {"name", "transferability", "d_random", "d_pretrained", "d_init", "cos_init", "shrink",
+                              "ft_move", "transferability_scale_free", "status"}
     head = layers[-1]
     assert head == {"name": "fc", "transferability": 1.0, "d_random": None, "d_pretrained": None,
-                    "d_init": None, "cos_init": None, "status": "head"}
+                    "d_init": None, "cos_init": None, "shrink": None, "ft_move": None,
+                    "transferability_scale_free": 1.0, "status": "head"}
+    assert entry["random_draws"] is None  # -r is a file
     # Distances by hand: theta_B - theta_A = delta and theta_B - theta_r = 3 delta.
     stem_d = tiny_trio.delta["conv1.weight"].abs().double().mean().item()
     assert layers[0]["d_pretrained"] == pytest.approx(stem_d, rel=1e-4)
@@ -420,6 +468,17 @@ def test_json_output_schema_and_values(cal_cli, tiny_trio, tmp_path):
     for layer in layers[:-1]:
         assert layer["status"] == "layer"
         assert layer["transferability"] == pytest.approx(3.0, rel=1e-4)
+    # shrink = mean|theta_r| / mean|theta_A|, ft_move = D(theta_A, theta_FB) / mean|theta_A|, by hand
+    mean_abs = lambda theta, key: theta[key].abs().double().mean().item()  # noqa: E731
+    abs_a = mean_abs(tiny_trio.theta_a, "conv1.weight")
+    assert layers[0]["shrink"] == pytest.approx(mean_abs(tiny_trio.theta_r, "conv1.weight") / abs_a, rel=1e-6)
+    assert layers[0]["ft_move"] == pytest.approx(stem_d / abs_a, rel=1e-4)
+    block_abs = [(mean_abs(tiny_trio.theta_r, key), mean_abs(tiny_trio.theta_a, key))
+                 for key in ("layer2.0.conv1.weight", "layer2.0.conv2.weight")]
+    assert layers[4]["shrink"] == pytest.approx(sum(r for r, _ in block_abs) / sum(a for _, a in block_abs), rel=1e-6)
+    scale_free = reference_scale_free(tiny_trio.groups, tiny_trio.theta_r, tiny_trio.theta_a, tiny_trio.theta_b)
+    assert [layer["transferability_scale_free"] for layer in layers] == pytest.approx(scale_free, rel=1e-5)
+    assert entry["overall_scale_free"] == pytest.approx(sum(scale_free[:-1]) / 10, rel=1e-5)
 
 
 def test_two_finetuned_checkpoints_give_two_results_csv_rows_and_one_png(cal_cli, tiny_trio, tmp_path):
@@ -433,7 +492,7 @@ def test_two_finetuned_checkpoints_give_two_results_csv_rows_and_one_png(cal_cli
     assert result.status == 0, result.err
     assert printed_values(result.out) == ["[3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 1.0]",
                                           "[2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 1.0]"]
-    assert [line for line in result.out.splitlines() if line.startswith("Overall")] == [
+    assert [line for line in result.out.splitlines() if line.startswith("Overall transferability")] == [
         "Overall transferability: 3.00", "Overall transferability: 2.00"]
 
     data = json.loads((out / "r.json").read_text())
@@ -443,8 +502,15 @@ def test_two_finetuned_checkpoints_give_two_results_csv_rows_and_one_png(cal_cli
 
     with open(out / "r.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["finetuned", "label", "overall", "index", "layer", "transferability",
-                             "d_random", "d_pretrained", "d_init", "cos_init", "status"]
+    assert list(rows[0]) == ["finetuned", "label", "overall", "overall_scale_free", "index", "layer",
+                             "transferability", "d_random", "d_pretrained", "d_init", "cos_init", "shrink", "ft_move",
+                             "transferability_scale_free", "status"]
+    results = json.loads((out / "r.json").read_text())["results"]
+    for row, layer in zip(rows, results[0]["layers"] + results[1]["layers"]):  # the CSV holds what the JSON holds
+        for key in ("shrink", "ft_move", "transferability_scale_free"):
+            assert (float(row[key]) if row[key] else None) == layer[key]
+    assert float(rows[0]["overall_scale_free"]) == results[0]["overall_scale_free"]
+    assert rows[10]["shrink"] == rows[10]["ft_move"] == "" and rows[10]["transferability_scale_free"] == "1.0"
     assert rows[0]["d_init"] == rows[11]["d_init"] != "" and rows[10]["cos_init"] == ""  # per pair, not per -b
     assert len(rows) == 2 * len(RESNET20_POINTS)
     assert [(r["label"], int(r["index"]), r["layer"]) for r in rows] == [
@@ -453,6 +519,58 @@ def test_two_finetuned_checkpoints_give_two_results_csv_rows_and_one_png(cal_cli
 
     assert (out / "fig.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert sorted(os.listdir(out)) == ["fig.png", "r.csv", "r.json"]  # one figure, no temporaries
+
+
+def test_verbose_table_shows_shrink_and_the_scale_free_t(cal_cli, tiny_trio, tmp_path):
+    result = cal_cli(*trio_argv(tiny_trio), "-v", "--json", tmp_path / "r.json", "--no_fig")
+    assert result.status == 0, result.err
+    lines = result.out.splitlines()
+    header = lines[1].split()
+    assert header[-3:] == ["shrink", "T_sf", "status"]
+    layers = json.loads((tmp_path / "r.json").read_text())["results"][0]["layers"]
+    for line, layer in zip(lines[2:13], layers):
+        cells = line.split()
+        assert cells[1] == layer["name"]
+        if layer["status"] == "head":
+            assert cells[-3:] == ["-", "1.00", "head"]
+        else:
+            assert cells[-3:] == [f"{layer['shrink']:.3f}", f"{layer['transferability_scale_free']:.2f}", "layer"]
+    assert lines[13].startswith("Layer-wise transferability:")
+
+
+@pytest.mark.parametrize("metric", ["T", "scale_free", "both"])
+def test_fig_metric_draws_t_the_scale_free_t_or_both(cal_cli, tiny_trio, tmp_path, monkeypatch, metric):
+    """The figure's lines hold the printed numbers: T solid; the scale-free T dashed in T's
+    colour with 'both'; the y label says which."""
+    import plotting
+
+    drawn = []
+    monkeypatch.setattr(plotting, "_encode", lambda fig, fmt: drawn.append(fig) or b"image")
+    b2 = tiny_trio.save_b(tmp_path / "b2.pth", {k: v + 2 * tiny_trio.delta[k] if k in tiny_trio.delta else v
+                                                  for k, v in tiny_trio.theta_a.items()})
+    result = cal_cli(*trio_argv(tiny_trio, tiny_trio.b, b2), "--json", tmp_path / "r.json",
+                     "--fig", tmp_path / "fig.png", "--fig_metric", metric)
+    assert result.status == 0, result.err
+    assert (tmp_path / "fig.png").read_bytes() == b"image"
+    [fig] = drawn
+    [ax] = fig.axes
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    plain = [[layer["transferability"] for layer in entry["layers"]] for entry in results]
+    scale_free = [[layer["transferability_scale_free"] for layer in entry["layers"]] for entry in results]
+    lines = ax.get_lines()
+    ys = [list(line.get_ydata()) for line in lines]
+    styles = [line.get_linestyle() for line in lines]
+    if metric == "T":
+        assert ys == [pytest.approx(v) for v in plain] and styles == ["-", "-"]
+        assert ax.get_ylabel() == "transferability T"
+    elif metric == "scale_free":
+        assert ys == [pytest.approx(v) for v in scale_free] and styles == ["-", "-"]
+        assert "scale-free" in ax.get_ylabel() and "T_sf" in ax.get_ylabel()
+    else:
+        assert ys == [pytest.approx(v) for pair in zip(plain, scale_free) for v in pair]
+        assert styles == ["-", "--", "-", "--"]
+        assert lines[0].get_color() == lines[1].get_color() != lines[2].get_color() == lines[3].get_color()
+        assert "solid" in ax.get_ylabel() and "dashed" in ax.get_ylabel()
 
 
 def test_finetuned_head_with_another_class_count(cal_cli, tiny_trio, tmp_path):
@@ -493,6 +611,7 @@ def test_frozen_layer_is_inf_warned_null_in_json_and_left_out_of_the_mean(cal_cl
     frozen = layers[5]
     assert frozen["name"] == "layer2.1" and frozen["status"] == "frozen"
     assert frozen["transferability"] is None and frozen["d_pretrained"] == 0.0
+    assert frozen["transferability_scale_free"] is None and frozen["ft_move"] == 0.0  # inf on both scales
     assert frozen["d_random"] > 0
     assert json.loads((out / "r.json").read_text())["results"][0]["overall"] == pytest.approx(58 / 9, rel=1e-4)
     with open(out / "r.csv", newline="") as handle:

@@ -31,7 +31,7 @@ DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 # Top-level folders of the repository. Fixed on purpose: a folder the docs name but that does
 # not exist (yet) must fail, not be silently skipped.
-TOP_LEVEL_FOLDERS = {"bench", "ckpt", "data", "docs", "engine", "Figs", "metrics", "models", "results", "tests"}
+TOP_LEVEL_FOLDERS = {"bench", "ckpt", "data", "docs", "engine", "Figs", "metrics", "models", "results", "study", "tests"}
 BARE_ALWAYS = (".py", ".md", ".sh")           # a bare name with these endings is a top-level file
 BARE_ALONE = (".csv", ".json", ".png")        # only when the code span is just that name
 PLACEHOLDER_CHARS = set("<>*{}[]$~|=,;:()'\"")

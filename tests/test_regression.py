@@ -17,13 +17,19 @@ import statsmodels.api
 from scipy import stats
 
 from metrics.regression import (
+    PUBLISHED_RESNET50 as LIBRARY_PUBLISHED,
+    EffectComparison,
     RegressionFit,
+    compare_effects,
+    finding1,
     fit_log_transferability,
     fit_to_dict,
+    format_finding1,
     format_fit,
     partial_regression_figure,
     partial_residuals,
     read_table,
+    sign_differences,
 )
 from utils import UserError
 
@@ -338,3 +344,168 @@ def test_published_resnet50_equation_is_not_what_ols_on_the_published_table_give
     for name, variant in variants.items():
         matches = all(abs(variant.coefficients[t] - PUBLISHED_RESNET50[t]) <= 0.02 for t in TERMS)
         assert not matches, f"{name} reproduces the published equation: {variant.coefficients}"
+
+
+# ------------------------------------------------- finding 1: paired comparisons of the effects
+
+
+def standardised_ols(rows):
+    """statsmodels' OLS of ln T on z(G), z(D), z(ln N) and a constant, built here."""
+    x, y = design(rows)
+    z = (x[:, :3] - x[:, :3].mean(axis=0)) / x[:, :3].std(axis=0, ddof=1)
+    return statsmodels.api.OLS(y, np.column_stack([z, np.ones(len(y))])).fit()
+
+
+def expected_contrast(params, other: str) -> np.ndarray:
+    """s_G e_G - s_other e_other, s the sign of the fitted coefficient."""
+    c = np.zeros(4)
+    c[0] = np.sign(params[0])
+    c[TERMS.index(other)] = -np.sign(params[TERMS.index(other)])
+    return c
+
+
+def rows_from_model(g: float, d: float, log_n: float, noise: float, n: int = 40, seed: int = 0) -> list[dict]:
+    """Rows drawn from ln T = g G + d D + log_n ln N + 1 + noise, the three predictors
+    independent with unit standard deviation (so the raw and standardised coefficients are
+    about equal)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        gap, var, log_size = rng.normal(3, 1), rng.normal(2, 1), rng.normal(8, 1)
+        log_t = g * gap + d * var + log_n * log_size + 1 + noise * rng.normal()
+        out.append({"dataset": f"m{i}", "G": gap, "D": var, "N": math.exp(log_size), "T": math.exp(log_t)})
+    return out
+
+
+def check_against_t_test(rows) -> None:
+    fit = fit_log_transferability(rows)
+    result = standardised_ols(rows)
+    for other in ("D", "log_N"):
+        test = result.t_test(expected_contrast(result.params, other))
+        ours = compare_effects(fit, other)
+        assert isinstance(ours, EffectComparison) and ours.other == other
+        assert ours.difference == pytest.approx(float(np.squeeze(test.effect)), rel=1e-9, abs=1e-12)
+        assert ours.std_error == pytest.approx(float(np.squeeze(test.sd)), rel=1e-9)
+        assert ours.t == pytest.approx(float(np.squeeze(test.tvalue)), rel=1e-9)
+        assert ours.p == pytest.approx(float(np.squeeze(test.pvalue)), rel=1e-8, abs=1e-15)
+        assert ours.df == test.df_denom == len(rows) - 4
+        # the difference is one of absolute values
+        z = fit.standardized.coefficients
+        assert ours.difference == pytest.approx(abs(z["G"]) - abs(z[other]), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_effect_comparison_equals_statsmodels_t_test_on_random_data(seed):
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(6, 30))
+    g, d, log_n = rng.normal(0, 1, size=3)  # every combination of signs turns up over the seeds
+    check_against_t_test(rows_from_model(g, d, log_n, noise=float(rng.uniform(0.1, 1.0)), n=n, seed=seed))
+
+
+def test_effect_comparison_equals_statsmodels_t_test_on_the_papers_table(rows):
+    check_against_t_test(rows)
+
+
+def test_the_fit_stores_its_covariance(rows, fit):
+    for block, result in ((fit, statsmodels.api.OLS(*reversed(design(rows))).fit()), (fit.standardized, standardised_ols(rows))):
+        cov = result.cov_params()
+        assert list(block.covariance) == TERMS and all(list(row) == TERMS for row in block.covariance.values())
+        for i, a in enumerate(TERMS):
+            assert block.covariance[a][a] == pytest.approx(block.std_errors[a] ** 2, rel=1e-9)
+            for j, b in enumerate(TERMS):
+                assert block.covariance[a][b] == pytest.approx(cov[i, j], rel=1e-9, abs=1e-15)
+                assert block.covariance[a][b] == block.covariance[b][a]
+        assert block.df_resid == 8
+    data = fit_to_dict(fit)
+    assert data["df_resid"] == 8 and data["standardized"]["df_resid"] == 8
+    assert data["standardized"]["covariance"]["G"]["log_N"] == fit.standardized.covariance["G"]["log_N"]
+    assert json.loads(json.dumps(data)) == data
+    # the keys that were there before keep their place and meaning
+    assert list(data)[:7] == ["coefficients", "std_errors", "t_values", "p_values", "r2", "adj_r2", "n"]
+
+
+def test_finding1_on_the_papers_table(rows, fit):
+    """Measured: |z(G)| - |z(D)| = -0.0267 (se 0.1730, t -0.155, p 0.881) and |z(G)| - |z(ln N)|
+    = -0.8263 (se 0.2112, t -3.912, p 0.0045), df 8: G's effect is significantly smaller than
+    ln N's, while G and D cannot be told apart, so the finding is undetermined."""
+    by_d, by_n = compare_effects(fit, "D"), compare_effects(fit, "log_N")
+    assert (round(by_d.difference, 4), round(by_d.std_error, 4), round(by_d.t, 3), round(by_d.p, 3)) == \
+        (-0.0267, 0.1730, -0.155, 0.881)
+    assert (round(by_n.difference, 4), round(by_n.std_error, 4), round(by_n.t, 3), round(by_n.p, 4)) == \
+        (-0.8263, 0.2112, -3.912, 0.0045)
+    verdict = finding1(fit)
+    assert set(verdict) >= {"claim", "verdict", "evidence", "comparisons"}
+    assert verdict["verdict"] == "undetermined"
+    assert [c["other"] for c in verdict["comparisons"]] == ["D", "log_N"]
+    assert [c["outcome"] for c in verdict["comparisons"]] == ["undetermined", "smaller"]
+    assert verdict["comparisons"][1]["p"] == by_n.p and verdict["comparisons"][0]["df"] == 8
+    evidence = verdict["evidence"]
+    assert "|z(G)| vs |z(D)|: difference -0.027 (se 0.173), p = 0.88 (undetermined)" in evidence
+    assert "|z(G)| vs |z(ln N)|: difference -0.826 (se 0.211), p = 0.0045 (smaller)" in evidence
+    assert "z(G) +0.087 (p = 0.51)" in evidence and "z(ln N) -0.913 (p = 0.00024)" in evidence
+    # the fitted G is positive, the published one negative; D and ln N have the published signs
+    assert verdict["sign_differences"] == ["G"] == sign_differences(fit) == sign_differences(fit.standardized)
+    assert "G (+ here, - published)" in evidence
+    assert json.loads(json.dumps(verdict)) == verdict
+    text = format_finding1(verdict)
+    assert "verdict: undetermined" in text and "-0.8263" in text and "smaller" in text
+
+
+def test_published_equation_is_in_the_library():
+    assert LIBRARY_PUBLISHED == PUBLISHED_RESNET50
+    published = [dict(r, T=math.exp(-0.26 * r["G"] + 0.32 * r["D"] - 0.61 * math.log(r["N"]) + 2.86))
+                 for r in synthetic_rows(8)]
+    assert sign_differences(fit_log_transferability(published)) == []
+    negated = [dict(r, T=r["T"] ** -1) for r in published]
+    assert sign_differences(fit_log_transferability(negated)) == ["G", "D", "log_N"]
+
+
+def test_finding1_supported_when_g_has_clearly_the_smallest_effect():
+    fit = fit_log_transferability(rows_from_model(g=0.05, d=-1.0, log_n=-1.5, noise=0.3))
+    verdict = finding1(fit)
+    assert verdict["verdict"] == "supported"
+    assert [c["outcome"] for c in verdict["comparisons"]] == ["smaller", "smaller"]
+    assert all(c["p"] < 1e-6 for c in verdict["comparisons"])
+    assert "(undetermined)" not in verdict["evidence"]
+
+
+@pytest.mark.parametrize("g", [2.0, -2.0])  # the size of an effect, not its sign, decides
+def test_finding1_contradicted_when_g_has_the_largest_effect(g):
+    fit = fit_log_transferability(rows_from_model(g=g, d=0.5, log_n=-0.5, noise=0.3))
+    verdict = finding1(fit)
+    assert verdict["verdict"] == "contradicted"
+    assert [c["outcome"] for c in verdict["comparisons"]] == ["larger", "larger"]
+    assert all(c["difference"] > 1 for c in verdict["comparisons"])
+
+
+def test_finding1_contradicted_when_g_is_larger_than_either():
+    # G's effect larger than D's, smaller than ln N's: one significant "larger" decides
+    fit = fit_log_transferability(rows_from_model(g=1.0, d=0.05, log_n=-3.0, noise=0.3))
+    verdict = finding1(fit)
+    assert [c["outcome"] for c in verdict["comparisons"]] == ["larger", "smaller"]
+    assert verdict["verdict"] == "contradicted"
+
+
+def test_finding1_undetermined_names_the_comparison_that_decides_nothing():
+    # G and D have effects of one size (and opposite signs), ln N a much larger one
+    fit = fit_log_transferability(rows_from_model(g=-1.0, d=1.0, log_n=-3.0, noise=0.5))
+    verdict = finding1(fit)
+    by_d, by_n = verdict["comparisons"]
+    assert by_d["outcome"] == "undetermined" and by_d["p"] > 0.2
+    assert by_n["outcome"] == "smaller" and by_n["p"] < 1e-6
+    assert verdict["verdict"] == "undetermined"
+    assert f"|z(G)| vs |z(D)|: difference {by_d['difference']:+.3f}" in verdict["evidence"]
+    assert "(undetermined); |z(G)| vs |z(ln N)|" in verdict["evidence"]
+
+
+def test_finding1_alpha_sets_the_level():
+    fit = fit_log_transferability(read_table(TABLE))
+    assert finding1(fit, alpha=0.9)["verdict"] == "supported"  # p 0.881 and 0.0045 both below 0.9
+    assert finding1(fit, alpha=0.001)["comparisons"][1]["outcome"] == "undetermined"
+
+
+def test_compare_effects_refuses_bad_arguments(fit):
+    with pytest.raises(ValueError, match="other must be one of D, log_N"):
+        compare_effects(fit, "G")
+    with pytest.raises(ValueError, match="standardised"):
+        compare_effects(fit.standardized, "D")  # a fit without its standardised fit

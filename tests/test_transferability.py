@@ -15,7 +15,9 @@ from metrics import (
     TransferabilityMeter,
     abs_diff_sums,
     layerwise_transferability,
+    mean_over_draws,
     overall_transferability,
+    sum_of_squares,
 )
 from models import build_model, layer_groups
 from models.layer_maps import LayerGroup
@@ -189,6 +191,26 @@ def test_chunked_sums_match_a_direct_sum(chunk):
         assert value == pytest.approx((ref.double() - target.double()).abs().sum().item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1000, 1 << 20])
+def test_chunked_scaled_sums_match_a_direct_sum(chunk):
+    """With scales, the sums of |ref - c * target| follow those of |ref - target|."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(10, 33, generator=generator)
+    refs = [torch.randn(10, 33, generator=generator), torch.randn(10, 33, generator=generator)]
+    sums = abs_diff_sums(target, refs, chunk, scales=(0.5, 3.0)).tolist()
+    assert len(sums) == 4
+    for value, ref, c in zip(sums, refs + refs, (1.0, 1.0, 0.5, 3.0)):
+        assert value == pytest.approx((ref.double() - c * target.double()).abs().sum().item(), rel=1e-6)
+
+
+def test_sum_of_squares_is_exact_in_float64_beyond_float32s_range():
+    big = torch.full((5, 5), 3e38)
+    value = big[0, 0].item()  # 3e38 as float32 holds it
+    assert sum_of_squares(big, 7) == pytest.approx(25 * value ** 2, rel=1e-12)
+    x = torch.randn(1001, generator=torch.Generator().manual_seed(0))
+    assert sum_of_squares(x, 64) == pytest.approx(x.double().pow(2).sum().item(), rel=1e-13)
+
+
 def test_half_precision_inputs_are_widened():
     generator = torch.Generator().manual_seed(0)
     target = (torch.randn(5000, generator=generator) * 100).half()
@@ -227,10 +249,13 @@ def test_gpu_and_cpu_agree():
     cpu = layerwise_transferability(groups, theta_r, theta_a, theta_b, device="cpu")
     gpu = layerwise_transferability(groups, theta_r, theta_a, theta_b, device="cuda")
     assert gpu.values == pytest.approx(cpu.values, rel=1e-6)
+    assert gpu.values_scale_free == pytest.approx(cpu.values_scale_free, rel=1e-6)
     for c, g in zip(cpu.layers, gpu.layers):
         if c.d_random is not None:
             assert g.d_random == pytest.approx(c.d_random, rel=1e-6)
             assert g.d_pretrained == pytest.approx(c.d_pretrained, rel=1e-6)
+            assert g.shrink == pytest.approx(c.shrink, rel=1e-6)
+            assert g.d_random_scale_free == pytest.approx(c.d_random_scale_free, rel=1e-6)
 
 
 # ------------------------------------------------------------------ pretraining diagnostics
@@ -261,3 +286,255 @@ def test_how_far_pretraining_moved_each_point():
     assert meter.init == {"a": (a.d_init, a.cos_init), "bc": (bc.d_init, bc.cos_init)}
     zero = TransferabilityMeter(groups[:1], {"a.weight": torch.zeros(2, 2)}, {"a.weight": r1})
     assert math.isnan(zero.init["a"][1])  # no direction to compare with
+
+
+# ------------------------------------------------------- shrink, ft_move and the scale-free T
+
+
+def reference_scale_free(groups, theta_r, theta_a, theta_b) -> list[float]:
+    """The scale-free T by its definition, in float64, written independently of metrics/:
+    each tensor divided by its own RMS, tensors with an RMS of 0 anywhere left out."""
+    def normalised(x):
+        x = x.double()
+        return x / x.pow(2).mean().sqrt()
+
+    values = []
+    for group in groups:
+        if group.is_head:
+            values.append(1.0)
+            continue
+        kept = [k for k in group.keys
+                if all(theta[k].double().pow(2).mean().item() > 0 for theta in (theta_r, theta_a, theta_b))]
+        if not kept:
+            values.append(math.nan)
+            continue
+        d_r = sum((normalised(theta_r[k]) - normalised(theta_b[k])).abs().mean().item() for k in kept)
+        d_a = sum((normalised(theta_a[k]) - normalised(theta_b[k])).abs().mean().item() for k in kept)
+        values.append(d_r / d_a if d_a else math.inf)
+    return values
+
+
+def random_trio(arch: str = "resnet20"):
+    theta_r = seeded_state_dict(arch, 0)
+    theta_a = perturbed(theta_r, 0.05, seed=1)
+    theta_b = perturbed(theta_a, 0.01, seed=2)
+    return theta_r, theta_a, theta_b, layer_groups(arch, theta_a)
+
+
+def signs(n: int, flipped: int) -> torch.Tensor:
+    """+1 everywhere but -1 on the first ``flipped`` elements: an RMS of 1 whatever is flipped."""
+    out = torch.ones(n, dtype=torch.float64)
+    out[:flipped] = -1.0
+    return out
+
+
+def test_shrink_and_ft_move_by_hand():
+    """Each side is the mean over the point's tensors (a 4-element tensor weighs as much as a
+    400-element one), as for D: mean|r| = (3 + 4) / 2, mean|A| = (1 + 2) / 2, D(A, FB) = 0.5."""
+    r = {"x.weight": torch.full((2, 2), 3.0), "y.weight": torch.full((20, 20), -4.0), "h.weight": torch.ones(3, 2)}
+    a = {"x.weight": torch.full((2, 2), 1.0), "y.weight": torch.full((20, 20), -2.0), "h.weight": torch.ones(3, 2)}
+    b = {"x.weight": torch.full((2, 2), 1.5), "y.weight": torch.full((20, 20), -2.5), "h.weight": torch.ones(3, 2)}
+    groups = [LayerGroup("block", ("x.weight", "y.weight")), LayerGroup("h", ("h.weight",), is_head=True)]
+    layer, head = layerwise_transferability(groups, r, a, b).layers
+    assert layer.shrink == pytest.approx(3.5 / 1.5, rel=1e-12)
+    assert layer.ft_move == pytest.approx(0.5 / 1.5, rel=1e-12)
+    pooled = (4 * 3.0 + 400 * 4.0) / (4 * 1.0 + 400 * 2.0)
+    assert abs(layer.shrink - pooled) > 0.3  # not the ratio pooled over all elements
+    # exactly T = shrink / ft_move * D(theta_r, theta_FB) / mean|theta_r|
+    assert layer.transferability == pytest.approx(layer.shrink / layer.ft_move * layer.d_random / 3.5, rel=1e-12)
+    assert head.shrink is None and head.ft_move is None
+
+
+def test_scale_free_t_by_hand_with_sign_flips():
+    """x = +-1 (RMS 1). theta_FB = 2 x, theta_A = 0.5 x with 4 of 40 signs flipped, theta_r
+    = 3 x with 12 flipped. Normalised, they differ only where flipped, by 2: D_sf(A, FB) = 2 * 4/40,
+    D_sf(r, FB) = 2 * 12/40, T_sf = 3. The paper's T sees the scales: D(A, FB) = (36 * 1.5 + 4 * 2.5)/40
+    = 1.6, D(r, FB) = (28 * 1 + 12 * 5)/40 = 2.2, T = 1.375."""
+    groups = [LayerGroup("w", ("w.weight",)), LayerGroup("h", ("h.weight",), is_head=True)]
+    head = {"h.weight": torch.ones(2, 2)}
+    theta_b = {"w.weight": 2 * signs(40, 0), **head}
+    theta_a = {"w.weight": 0.5 * signs(40, 4), **head}
+    theta_r = {"w.weight": 3 * signs(40, 12), **head}
+    result = layerwise_transferability(groups, theta_r, theta_a, theta_b)
+    layer = result.layers[0]
+    assert layer.d_pretrained_scale_free == pytest.approx(0.2, rel=1e-12)
+    assert layer.d_random_scale_free == pytest.approx(0.6, rel=1e-12)
+    assert layer.transferability_scale_free == pytest.approx(3.0, rel=1e-12)
+    assert layer.transferability == pytest.approx(2.2 / 1.6, rel=1e-12)
+    assert result.overall_scale_free == pytest.approx(3.0, rel=1e-12)
+    assert result.values_scale_free == pytest.approx([3.0, 1.0], rel=1e-12)
+    assert result.layers[1].transferability_scale_free == 1.0 and result.layers[1].d_random_scale_free is None
+
+
+@pytest.mark.parametrize("role", ["r", "a", "b"])
+@pytest.mark.parametrize("k", [0.25, 4.0])
+def test_scaling_one_checkpoints_tensor_changes_t_but_not_the_scale_free_t(role, k):
+    theta_r, theta_a, theta_b, groups = random_trio()
+    before = layerwise_transferability(groups, theta_r, theta_a, theta_b)
+    scaled = {"r": theta_r, "a": theta_a, "b": theta_b}[role]
+    for key in groups[1].keys:  # the whole point layer1.0 (two tensors)
+        scaled[key] = k * scaled[key]
+    scaled["layer2.0.conv1.weight"] = k * scaled["layer2.0.conv1.weight"]  # one tensor of a point
+    after = layerwise_transferability(groups, theta_r, theta_a, theta_b)
+    assert after.values_scale_free == pytest.approx(before.values_scale_free, rel=1e-5)
+    for i in (1, 4):
+        assert abs(after.values[i] / before.values[i] - 1) > 0.01, (role, k, i)
+    assert after.values[2] == pytest.approx(before.values[2], rel=1e-12)  # the other points as they were
+
+
+@pytest.mark.parametrize("rms", [1.0, 0.05])
+def test_scale_free_t_equals_t_when_every_tensor_has_the_same_rms(rms):
+    """Every tensor of all three checkpoints rescaled to one RMS: the normalisation divides
+    both sides of every point's ratio by that RMS, so T_sf == T."""
+    theta_r, theta_a, theta_b, groups = random_trio()
+    for theta in (theta_r, theta_a, theta_b):
+        for key in theta:
+            if theta[key].is_floating_point():
+                x = theta[key].double()
+                theta[key] = rms * x / x.pow(2).mean().sqrt()
+    result = layerwise_transferability(groups, theta_r, theta_a, theta_b)
+    assert result.values_scale_free == pytest.approx(result.values, rel=1e-9)
+    assert result.overall_scale_free == pytest.approx(result.overall, rel=1e-9)
+    for layer in result.layers[:-1]:
+        assert layer.d_random_scale_free == pytest.approx(layer.d_random / rms, rel=1e-9)
+
+
+def test_scale_free_t_differs_from_t_when_a_points_tensors_have_different_rms():
+    """Same RMS in the three checkpoints per tensor, but not shared by a point's two tensors:
+    T_sf weighs both tensors' distances equally, T weighs them by their size."""
+    theta_r, theta_a, theta_b, groups = random_trio()
+    for theta in (theta_r, theta_a, theta_b):
+        for key in theta:
+            if theta[key].is_floating_point():
+                x = theta[key].double()
+                theta[key] = (5.0 if key.endswith("conv2.weight") else 1.0) * x / x.pow(2).mean().sqrt()
+    result = layerwise_transferability(groups, theta_r, theta_a, theta_b)
+    assert result.values_scale_free[0] == pytest.approx(result.values[0], rel=1e-9)  # the stem: one tensor
+    for i in range(1, 10):
+        assert abs(result.values_scale_free[i] / result.values[i] - 1) > 1e-4
+    assert result.values_scale_free == pytest.approx(reference_scale_free(groups, theta_r, theta_a, theta_b), rel=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "densenet121"])
+def test_scale_free_agrees_with_independent_computation_on_random_trios(arch):
+    theta_r, theta_a, theta_b, groups = random_trio(arch)
+    result = layerwise_transferability(groups, theta_r, theta_a, theta_b)
+    expected = reference_scale_free(groups, theta_r, theta_a, theta_b)
+    assert result.values_scale_free == pytest.approx(expected, rel=1e-5)
+    body = [v for g, v in zip(groups, expected) if not g.is_head]
+    assert result.overall_scale_free == pytest.approx(sum(body) / len(body), rel=1e-5)
+
+
+@pytest.mark.parametrize("role", ["r", "a", "b"])
+def test_tensor_with_zero_rms_is_left_out_of_the_scale_free_t(role):
+    """Point "xy" holds x and y; y is all zeros in one checkpoint, so the point's T_sf is x's
+    alone (T still uses both). Point "z" has only a zero tensor: no T_sf (NaN, no distances),
+    and it is left out of the overall scale-free value."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {key: torch.randn(3, 4, 5, 5, generator=generator, dtype=torch.float64) for key in ("x", "y", "z")}
+    theta_r = {f"{k}.weight": v for k, v in tensors.items()}
+    theta_a = {f"{k}.weight": 0.5 * v + 0.1 * torch.randn(v.shape, generator=generator, dtype=torch.float64)
+               for k, v in tensors.items()}
+    theta_b = {k: v + 0.02 * torch.randn(v.shape, generator=generator, dtype=torch.float64) for k, v in theta_a.items()}
+    zeroed = {"r": theta_r, "a": theta_a, "b": theta_b}[role]
+    zeroed["y.weight"] = torch.zeros_like(zeroed["y.weight"])
+    zeroed["z.weight"] = torch.zeros_like(zeroed["z.weight"])
+    groups = [LayerGroup("xy", ("x.weight", "y.weight")), LayerGroup("x", ("x.weight",)),
+              LayerGroup("z", ("z.weight",))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FrozenLayerWarning)  # zeros in both A and B would be frozen: not here
+        result = layerwise_transferability(groups, theta_r, theta_a, theta_b)
+    xy, x, z = result.layers
+    assert xy.transferability_scale_free == x.transferability_scale_free
+    assert xy.d_random_scale_free == x.d_random_scale_free
+    assert math.isfinite(z.transferability)  # the paper's T is still measured
+    assert math.isnan(z.transferability_scale_free)
+    assert z.d_random_scale_free is None and z.d_pretrained_scale_free is None
+    assert result.overall_scale_free == pytest.approx(x.transferability_scale_free, rel=1e-12)
+
+
+def test_fine_tuning_that_only_rescales_a_point_makes_its_scale_free_t_infinite():
+    """theta_FB = 2 theta_A on point 3: T is finite (the weights moved), the normalised
+    weights did not: T_sf = inf, left out of the mean. Point 5 is frozen: both are inf."""
+    theta_r, theta_a, theta_b, groups = random_trio()
+    for key in groups[2].keys:
+        theta_b[key] = 2 * theta_a[key]
+    for key in groups[4].keys:
+        theta_b[key] = theta_a[key].clone()
+    with pytest.warns(FrozenLayerWarning, match=groups[4].name):
+        result = layerwise_transferability(groups, theta_r, theta_a, theta_b)
+    rescaled, frozen = result.layers[2], result.layers[4]
+    assert math.isfinite(rescaled.transferability) and rescaled.status != FROZEN
+    assert rescaled.transferability_scale_free == math.inf and rescaled.d_pretrained_scale_free == 0.0
+    assert frozen.transferability == math.inf and frozen.transferability_scale_free == math.inf
+    kept = [v for i, v in enumerate(result.values_scale_free[:-1]) if i not in (2, 4)]
+    assert result.overall_scale_free == pytest.approx(sum(kept) / len(kept), rel=1e-12)
+
+
+def test_scale_free_sums_that_overflow_float32_are_recomputed_in_float64():
+    """theta_r = theta_FB = 3e38, theta_A = -3e38 (all RMS 3e38): a - t overflows in float32.
+    Normalised: r = FB = 1, A = -1, so D_sf(r, FB) = 0, D_sf(A, FB) = 2, T_sf = 0."""
+    groups = [LayerGroup("w", ("w.weight",))]
+    big = 3e38
+    theta_r, theta_a, theta_b = ({"w.weight": torch.full((2, 2), v)} for v in (big, -big, big))
+    layer = layerwise_transferability(groups, theta_r, theta_a, theta_b).layers[0]
+    assert layer.d_pretrained_scale_free == pytest.approx(2.0, rel=1e-6)
+    assert layer.d_random_scale_free == 0.0 and layer.transferability_scale_free == 0.0
+    assert layer.d_pretrained == pytest.approx(2 * big, rel=1e-6)
+
+
+def test_rms_ratios_beyond_float32_are_computed_in_float64():
+    """theta_r's RMS is 1e30, theta_FB's 1e-30 (float32 tensors): the factor rms_r / rms_FB
+    = 1e60 does not fit in float32, so the tensor is compared in float64. T_sf = 12 / 4 as in
+    the sign-flip construction."""
+    groups = [LayerGroup("w", ("w.weight",))]
+    theta_b = {"w.weight": (1e-30 * signs(40, 0)).float()}
+    theta_a = {"w.weight": signs(40, 4).float()}
+    theta_r = {"w.weight": (1e30 * signs(40, 12)).float()}
+    layer = layerwise_transferability(groups, theta_r, theta_a, theta_b).layers[0]
+    assert layer.d_pretrained_scale_free == pytest.approx(0.2, rel=1e-6)
+    assert layer.transferability_scale_free == pytest.approx(3.0, rel=1e-6)
+
+
+def test_theta_r_and_theta_a_statistics_are_measured_once_per_meter(monkeypatch):
+    """RMS, mean|x|, d_init and cos_init of theta_r and theta_A: one pass per tensor for the
+    meter's lifetime, however many fine-tuned checkpoints it measures."""
+    import metrics.transferability as module
+
+    theta_r, theta_a, theta_b, groups = random_trio()
+    calls = []
+    original = module._pair_stats
+    monkeypatch.setattr(module, "_pair_stats", lambda r, a, chunk: calls.append(1) or original(r, a, chunk))
+    meter = TransferabilityMeter(groups, theta_r, theta_a)
+    first = meter(theta_b)
+    meter(perturbed(theta_a, 0.02, seed=5))
+    assert meter.init == {layer.name: (layer.d_init, layer.cos_init) for layer in first.layers[:-1]}
+    assert len(calls) == len(meter.keys)
+
+
+# --------------------------------------------------------------- several draws of theta_r
+
+
+def test_mean_and_sd_over_draws_by_hand():
+    """theta_r_k = B + k (B - A) gives T = k at every point; draws k = 2, 3, 7: mean 4,
+    sample sd sqrt(((2-4)^2 + (3-4)^2 + (7-4)^2) / 2) = sqrt(7)."""
+    theta_a = {k: v.double() for k, v in seeded_state_dict("resnet20", 0).items() if v.is_floating_point()}
+    theta_b = {k: v + 0.01 * torch.randn_like(v) for k, v in theta_a.items()}
+    groups = layer_groups("resnet20", theta_a)
+    results = [layerwise_transferability(groups, {key: theta_b[key] + k * (theta_b[key] - theta_a[key])
+                                                  for key in theta_a}, theta_a, theta_b) for k in (2.0, 3.0, 7.0)]
+    summary = mean_over_draws(results)
+    assert summary.draws == 3
+    assert summary.mean.values[:-1] == pytest.approx([4.0] * 10, rel=1e-9)
+    assert summary.sd[:-1] == pytest.approx([math.sqrt(7)] * 10, rel=1e-9)
+    assert summary.mean.values[-1] == 1.0 and summary.sd[-1] == 0.0  # the head
+    assert summary.mean.overall == pytest.approx(4.0, rel=1e-9)
+    assert summary.overall_sd == pytest.approx(math.sqrt(7), rel=1e-9)
+    # every other number is the mean over the draws too
+    stem = [r.layers[0] for r in results]
+    assert summary.mean.layers[0].d_random == pytest.approx(sum(x.d_random for x in stem) / 3, rel=1e-12)
+    assert summary.mean.layers[0].shrink == pytest.approx(sum(x.shrink for x in stem) / 3, rel=1e-12)
+    assert summary.mean.overall_scale_free == pytest.approx(sum(r.overall_scale_free for r in results) / 3,
+                                                            rel=1e-12)
+    single = mean_over_draws(results[:1])
+    assert single.mean == results[0] and math.isnan(single.overall_sd) and all(math.isnan(s) for s in single.sd)

@@ -1,0 +1,178 @@
+"""What decides the study's numbers: the presets, the pre-training regimes, the targets.
+
+A :class:`Study` holds every setting that changes a run's numbers; a run's cache key is built
+from them (:mod:`study.runs`). A preset is one ``Study``; its ``regimes`` are further
+pre-training recipes whose fine-tunings are compared with the main one's, run for run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+
+ARCH = "resnet20"
+
+# Bumped whenever the training recipe changes the numbers a run produces (augmentation,
+# head initialisation, ...): part of every run's cache key, so no stale run is reused.
+RECIPE = "recipe-2"
+# sum over pre-training steps of lr x weight decay for the seed's ImageNet run: 5005 steps per
+# epoch (batch 256), 40 epochs each at lr 0.1, 0.01 and 0.001, weight decay 1e-4
+IMAGENET_LR_WD_BUDGET = 5005 * 40 * (0.1 + 0.01 + 0.001) * 1e-4
+# lr / weight decay of the seed's pre-training (0.1 / 1e-4): it sets the norm that the weights
+# followed by BatchNorm settle at, and so how far weight decay shrinks each layer
+SEED_LR_WD_RATIO = 0.1 / 1e-4
+
+
+@dataclass(frozen=True)
+class Regime:
+    """Another pre-training recipe of the same source task: its lr and weight decays, and the
+    knobs whose targets are fine-tuned from it (the lr knob is the fine-tuning's, not a data
+    set property, so it is usually left to the main regime)."""
+
+    name: str
+    pretrain_lr: float
+    pretrain_weight_decay: float
+    pretrain_norm_weight_decay: float | None = None
+    knobs: tuple = ("gap", "var", "n")
+    seeds: tuple | None = None  # the seeds of its fine-tunings; None: the study's
+
+
+@dataclass(frozen=True)
+class Study:
+    """Everything that decides the study's numbers (and so its cache keys)."""
+
+    source: str  # synthetic source task options
+    pretrain_epochs: int
+    pretrain_lr_step: int
+    target: dict  # base target task: classes, n, n_val, gap, var, size
+    levels: dict  # knob -> the values it takes while the others stay at the base ("lr": fine-tuning lr)
+    seeds: tuple  # one target task (its classes) and one fine-tuning seed each
+    finetune_epochs: int
+    pretrain_lr: float = 0.1
+    pretrain_weight_decay: float = 1e-4
+    pretrain_norm_weight_decay: float | None = None  # BatchNorm's scales and shifts; None: as the others
+    finetune_lr: float = 0.01  # the seed's
+    finetune_weight_decay: float = 1e-4  # the seed's
+    batch_size: int = 128
+    max_samples: int = 1000  # images per dataset for G and D
+    arch: str = ARCH
+    extra: dict = field(default_factory=dict)
+    main_regime: str = "main"  # the name of this study's own pre-training recipe in the report
+    regimes: tuple = ()  # further pre-training recipes (Regime), each compared with the main one
+
+    def regime_study(self, regime: Regime) -> "Study":
+        """The study of one further regime: its pre-training recipe, the knobs it runs, no
+        further regimes of its own."""
+        return replace(self, pretrain_lr=regime.pretrain_lr, pretrain_weight_decay=regime.pretrain_weight_decay,
+                       pretrain_norm_weight_decay=regime.pretrain_norm_weight_decay, main_regime=regime.name,
+                       levels={k: v for k, v in self.levels.items() if k in regime.knobs},
+                       seeds=self.seeds if regime.seeds is None else regime.seeds, regimes=())
+
+    def all_regimes(self) -> list[tuple[str, "Study"]]:
+        """``(name, study)`` of the main regime and of every further one, main first."""
+        return [(self.main_regime, self)] + [(r.name, self.regime_study(r)) for r in self.regimes]
+
+
+# The seed's lr / weight decay of 1,000 at the main regimes' sum of lr x weight decay: the same
+# steps, so the same lr x wd per step (0.1 x 7e-3 = 7e-4 against 0.84 x 8.4e-4 = 7.06e-4).
+# Two seeds of each data set knob's targets (14 fine-tunings) keep the whole study within two
+# hours on a 2-core CPU.
+SEED_RATIO_REGIME = Regime("lr/wd 1,000", 0.84, 8.4e-4, 1e-4, seeds=(1, 2))
+
+
+PRESETS = {
+    # The paper's regime: pre-training that leaves the initialisation (a lr x weight-decay
+    # budget close to 120 ImageNet epochs), a source task harder than the targets, targets
+    # that do not saturate, the seed's fine-tuning recipe at several learning rates. A second
+    # pre-training has the seed's lr / weight decay ratio at the same budget.
+    "paper": Study(
+        source="source,classes=200,n=150,n_val=10,var=0.5", pretrain_epochs=36, pretrain_lr_step=12,
+        pretrain_weight_decay=7e-3, pretrain_norm_weight_decay=1e-4,
+        target={"classes": 20, "n": 100, "n_val": 50, "gap": 0.5, "var": 1.0, "size": 32},
+        levels={"gap": (0.0, 0.5, 1.0), "var": (0.8, 1.0, 1.4), "n": (50, 100, 200), "lr": (0.003, 0.01, 0.03)},
+        seeds=(1, 2, 3), finetune_epochs=30, main_regime="lr/wd 14",
+        regimes=(SEED_RATIO_REGIME,)),
+    # A check of the whole pipeline in minutes; its pre-training is far shorter than the
+    # paper's, so its verdicts are not evidence.
+    "quick": Study(
+        source="source,classes=50,n=100,n_val=10,var=0.5", pretrain_epochs=12, pretrain_lr_step=4,
+        pretrain_weight_decay=7e-3, pretrain_norm_weight_decay=1e-4,
+        target={"classes": 10, "n": 60, "n_val": 30, "gap": 0.5, "var": 1.0, "size": 32},
+        levels={"gap": (0.0, 1.0), "var": (0.8, 1.4), "n": (30, 120), "lr": (0.003, 0.03)},
+        seeds=(1, 2), finetune_epochs=10, max_samples=500, main_regime="lr/wd 14",
+        regimes=(SEED_RATIO_REGIME,)),
+    # A few seconds: for the test suite, not for conclusions.
+    "tiny": Study(
+        source="source,classes=6,n=12,n_val=4,size=16", pretrain_epochs=1, pretrain_lr_step=1,
+        target={"classes": 3, "n": 8, "n_val": 4, "gap": 0.5, "var": 0.3, "size": 16},
+        levels={"gap": (0.0, 1.0), "var": (0.1, 1.0), "n": (4, 16), "lr": (0.003,)},
+        seeds=(1,), finetune_epochs=1, batch_size=16, max_samples=64,
+        main_regime="lr/wd 1,000", regimes=(Regime("lr/wd 100", 0.1, 1e-3),)),
+}
+DEFAULT_PRESET = "paper"
+KNOBS = {"gap": "domain gap", "var": "intraclass variance", "n": "images per class", "lr": "fine-tuning lr"}
+
+
+def source_images(study: Study) -> int:
+    from data.synthetic import parse_options
+
+    config = parse_options(study.source)
+    return config.classes * config.n
+
+
+def pretraining_budget(study: Study) -> float:
+    """sum over pre-training steps of lr x weight decay of the weights (the step schedule
+    divides the lr by 10 every ``pretrain_lr_step`` epochs). The weights that BatchNorm
+    follows are scale-invariant: weight decay only shrinks their norm, which speeds up their
+    change of direction; this budget is what sets how far that goes."""
+    steps = math.ceil(source_images(study) / study.batch_size)
+    return steps * study.pretrain_weight_decay * sum(
+        study.pretrain_lr * 0.1 ** (epoch // study.pretrain_lr_step) for epoch in range(study.pretrain_epochs))
+
+
+def lr_wd_ratio(study: Study) -> float:
+    """lr / weight decay of the weights in pre-training (the seed's: 1,000)."""
+    return study.pretrain_lr / study.pretrain_weight_decay
+
+
+def digest(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One point of the grid: a target task and the fine-tuning learning rate."""
+
+    name: str  # "base", or the knob that differs from the base and its value, e.g. "gap=0.25"
+    knob: str | None  # None for the base
+    options: dict  # synthetic target options
+    lr: float
+
+
+def target_configs(study: Study) -> list[Target]:
+    """The base target and every level of every knob, once each.
+
+    The base (the study's target at its fine-tuning lr) comes first, named ``base``; the
+    others are named by the knob that differs from it, e.g. ``gap=0.25`` or ``lr=0.003``.
+    """
+    base = Target("base", None, dict(study.target), study.finetune_lr)
+    targets = {json.dumps([base.options, base.lr], sort_keys=True): base}
+    for knob, values in study.levels.items():
+        for value in values:
+            options = dict(study.target) if knob == "lr" else {**study.target, knob: value}
+            lr = float(value) if knob == "lr" else study.finetune_lr
+            targets.setdefault(json.dumps([options, lr], sort_keys=True), Target(f"{knob}={value}", knob, options, lr))
+    return list(targets.values())
+
+
+def knob_levels(study: Study, knob: str) -> list[Target]:
+    """The targets of one knob's panel, in the order of its levels (the base among them)."""
+    base = target_configs(study)[0]
+    value_of = {"lr": lambda t: t.lr}.get(knob, lambda t: t.options[knob])
+    by_value = {value_of(t): t for t in target_configs(study) if t.knob in (None, knob)}
+    return [by_value[v] if v in by_value else base for v in study.levels[knob]]
+
+
+def dataset_option(options: dict, seed: int) -> str:
+    return "synthetic:" + ",".join(f"{k}={v}" for k, v in sorted({**options, "seed": seed}.items()))
