@@ -27,13 +27,18 @@ def layer_curve(run: dict, metric: str) -> list[float]:
     return run["layers"] if metric == "T" else run["layers_scale_free"]
 
 
-def measure_run(study: Study, pretrained: Path, run: dict, out: Path, device: str) -> dict:
-    """The run with everything measured from its fine-tuned weights: T and the scale-free T per
-    layer and overall, each layer's shrink and ft_move."""
+def finetuned_weights(run: dict, out: Path) -> dict:
+    """theta_FB of one of the study's runs."""
     from utils import load_state_dict_safely
 
+    return load_state_dict_safely(out / "finetune" / run["folder"] / "b.pth")
+
+
+def measure_run(study: Study, pretrained: Path, run: dict, theta_b: dict, device: str) -> dict:
+    """The run with everything measured from its fine-tuned weights ``theta_b``: T and the
+    scale-free T per layer and overall, each layer's shrink and ft_move."""
     meter, _ = pretrained_tools(study.arch, pretrained, device)
-    result = meter(load_state_dict_safely(out / "finetune" / run["folder"] / "b.pth"))
+    result = meter(theta_b)
     return {**run, "T": result.overall, "T_scale_free": result.overall_scale_free,
             "layers": result.values, "layers_scale_free": result.values_scale_free,
             "layer_names": [layer.name for layer in result.layers],
@@ -157,10 +162,11 @@ def paper_baseline() -> dict:
 # ------------------------------------------------------------- a fresh initialisation's error
 
 
-def draw_bias(study: Study, pretrained: Path, runs: list[dict], out: Path, device: str,
+def draw_bias(study: Study, pretrained: Path, runs: list[dict], finetuned: list[dict], device: str,
               seeds: tuple = DRAW_SEEDS) -> dict:
     """What `-r random:SEED` costs: T of every run measured against fresh initialisations of
-    the architecture (``seeds``) instead of the true theta_r, relative to the true T.
+    the architecture (``seeds``) instead of the true theta_r, relative to the true T
+    (``finetuned``: each run's theta_FB, in the order of ``runs``).
 
     Returns, over the runs: the relative error of the overall T (mean over the draws; its
     mean, range, and the mean sd over the draws) and per layer the mean relative error; and
@@ -180,8 +186,7 @@ def draw_bias(study: Study, pretrained: Path, runs: list[dict], out: Path, devic
     meters = [TransferabilityMeter(groups, fresh_initialisation(study.arch, classes, seed), theta_a,
                                    resolve_device(device)) for seed in seeds]
     overall, overall_sd, per_layer = [], [], []
-    for run in runs:
-        theta_b = load_state_dict_safely(out / "finetune" / run["folder"] / "b.pth")
+    for run, theta_b in zip(runs, finetuned):
         drawn = [meter(theta_b) for meter in meters]
         errors = [d.overall / run["T"] - 1 for d in drawn]
         overall.append(statistics.fmean(errors))

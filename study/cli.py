@@ -85,7 +85,8 @@ def analyse_regime(name: str, study: Study, out: Path, device: str, stop: StopSi
     from study import analysis
 
     pretrained, runs, stats = run_study(study, out, device, stop, label=name)
-    runs = [analysis.measure_run(study, pretrained, run, out, device) for run in runs]
+    finetuned = [analysis.finetuned_weights(run, out) for run in runs]  # each file read once
+    runs = [analysis.measure_run(study, pretrained, run, theta_b, device) for run, theta_b in zip(runs, finetuned)]
     stop.check()
     diagnostics = analysis.pretraining_diagnostics(study, pretrained, device, runs)
     done = json.loads((pretrained / "done.json").read_text())
@@ -93,7 +94,7 @@ def analyse_regime(name: str, study: Study, out: Path, device: str, stop: StopSi
         "name": name, "study": study, "pretrained": pretrained.name, "runs": runs, "stats": stats,
         "diagnostics": diagnostics, "findings": analysis.findings(runs, stats),
         "shrink_summary": analysis.shrink_summary(runs, diagnostics),
-        "draws": analysis.draw_bias(study, pretrained, runs, out, device),
+        "draws": analysis.draw_bias(study, pretrained, runs, finetuned, device),
         "agreements": analysis.estimator_agreement(runs, stats),
         "timing": {"pretrain": f"{done['seconds'] / 60:.1f} min" if done.get("seconds") else "not recorded",
                    "finetune": sum(r.get("seconds", 0.0) for r in runs)},
