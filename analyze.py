@@ -12,6 +12,8 @@ ln T = a G + b D + c ln N + d; ``figure`` draws layer-wise curves as a grid of p
 """
 from __future__ import annotations
 
+import cpu_threads  # noqa: F401  (first: how the CPU threads wait; before torch loads OpenMP)
+
 import csv
 import io
 import json
@@ -47,8 +49,13 @@ def add_stats_parser(subparsers) -> None:
     parser.add_argument("--dataset", nargs="+", required=True, metavar="NAME", help="one or more downstream datasets")
     parser.add_argument("--data_dir", help="folder of the downstream dataset(s) (layouts: docs/datasets.md)")
     parser.add_argument("-a", "--pretrained", help="theta_A, whose penultimate-layer features are used")
-    parser.add_argument("--source", default="imagenet", help="the pre-training dataset (default: %(default)s)")
-    parser.add_argument("--source_dir", help="folder of the pre-training dataset")
+    parser.add_argument("--source", help="the data set -a was pre-trained on, as pretrain_on_ImageNet.py's --dataset "
+                        "named it (the demo's: synthetic:source,classes=200,n=150,n_val=10,var=0.5); default: the "
+                        "one recorded in the pre-training's A.last.pth beside -a, else imagenet")
+    parser.add_argument("--source_dir", help="folder of the pre-training dataset (not needed for synthetic)")
+    parser.add_argument("--labels", nargs="+", metavar="NAME",
+                        help="a name per --dataset for the rows and for matching --transferability results "
+                        "(default: the dataset's name; an imagefolder data set's folder name)")
     parser.add_argument("--features", choices=["penultimate", "pixels"], default="penultimate",
                         help="feature space: theta_A's penultimate layer (default) or pooled pixels (no model)")
     parser.add_argument("--pixel_size", type=positive_int, default=8, help="pixels: pool images to N x N (default: 8)")
@@ -103,32 +110,104 @@ def make_extractor(args):
     return PenultimateFeatures(None, args.pretrained)
 
 
+PAPER_SOURCE = "imagenet"  # the paper's pre-training set: --source when nothing says otherwise
+
+
+def source_of(args) -> str:
+    """--source, else the data set the pre-training of -a recorded in its ``A.last.pth``
+    (said on stderr), else the paper's ImageNet."""
+    if args.source:
+        return args.source
+    if args.pretrained and args.features == "penultimate":
+        from engine.checkpoint import run_files
+
+        last = run_files(args.pretrained)[1]
+        try:
+            recorded = torch_load_args(last).get("dataset")
+        except Exception:  # noqa: BLE001 - no readable record: fall back to the default
+            recorded = None
+        if isinstance(recorded, str) and recorded:
+            print(f"note: --source {recorded} (what {last} records -a was pre-trained on)", file=sys.stderr)
+            return recorded
+    return PAPER_SOURCE
+
+
+def torch_load_args(path) -> dict:
+    """The ``args`` a training checkpoint of this project records ({} when there are none)."""
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    return args if isinstance(args, dict) else {}
+
+
+def source_split(name: str, args, arch: str | None):
+    """The pre-training set's images; its errors name --source and --source_dir, the flags
+    that give it."""
+    from data import canonical_name
+
+    try:
+        canonical_name(name)
+    except UserError:
+        raise UserError(f"--source {name}: unknown dataset; give the data set -a was pre-trained on, as "
+                        f"pretrain_on_ImageNet.py --dataset named it") from None
+    if not args.source_dir and canonical_name(name) not in ("synthetic",) and not _names_own_folder(name):
+        given = "--source imagenet (the default: the paper's pre-training set)" if not args.source else f"--source {name}"
+        raise UserError(f"{given}: needs --source_dir, the folder of its images; or give --source the data set -a "
+                        f"was pre-trained on (the demo's: --source synthetic:source,classes=200,n=150,n_val=10,"
+                        f"var=0.5)")
+    try:
+        return validation_split(name, args.source_dir, "train", args.img_size, arch, args.seed)
+    except UserError as err:  # the registry names the target's flag; here the folder came from --source_dir
+        message = str(err)
+        if message.startswith("--data_dir "):
+            raise UserError("--source_dir " + message[len("--data_dir "):]) from None
+        raise
+
+
+def _names_own_folder(name: str) -> bool:
+    from data.datasets import imagefolder_path
+
+    return imagefolder_path(name) is not None
+
+
 def run_stats(args) -> int:
     from metrics.dataset_stats import dataset_statistics
     from utils import resolve_device
 
+    from data.datasets import dataset_label
+
     outputs = Outputs.of(args, "--json", "--csv")
     device = resolve_device(args.device)
+    if args.labels is not None and len(args.labels) != len(args.dataset):
+        raise UserError(f"--labels: got {len(args.labels)} names for {len(args.dataset)} --dataset entries; "
+                        f"give one each")
+    labels = args.labels or [dataset_label(name, args.data_dir) for name in args.dataset]
+    if len(set(labels)) < len(labels):
+        twice = next(label for label in labels if labels.count(label) > 1)
+        raise UserError(f"--dataset: two data sets are both called {twice!r}; tell them apart with --labels "
+                        f"(one name per --dataset)")
     overall = {label: value for path in args.transferability or [] for label, value in read_overall(path).items()}
-    missing = [name for name in args.dataset if overall and name not in overall]
+    missing = [label for label in labels if overall and label not in overall]
     if missing:
         raise UserError(f"--transferability: no result labelled {missing[0]!r} in "
                         f"{', '.join(args.transferability)}; label the results with the dataset names "
-                        f"(cal_transferability.py --labels) or leave --transferability out")
+                        f"(cal_transferability.py --labels {' '.join(labels)}) or leave --transferability out")
     extractor = make_extractor(args)
-    source = validation_split(args.source, args.source_dir, "train", args.img_size, extractor.arch, args.seed)
+    source_name = source_of(args)
+    source = source_split(source_name, args, extractor.arch)
     rows = []
-    for name in args.dataset:
+    for name, label in zip(args.dataset, labels):
         target = validation_split(name, args.data_dir, "train", args.img_size, extractor.arch, args.seed)
         stats = dataset_statistics(
             target, source, extractor, max_samples=args.max_samples, cache_dir=args.cache_dir,
             target_key=features_key(name, args.data_dir, args.seed),
-            source_key=features_key(args.source, args.source_dir, args.seed),
+            source_key=features_key(source_name, args.source_dir, args.seed),
             device=device, seed=args.seed, batch_size=args.batch_size)
-        rows.append({"dataset": name, **{k: stats[k] for k in ("N", "G", "D")}, "T": overall.get(name),
+        rows.append({"dataset": label, **{k: stats[k] for k in ("N", "G", "D")}, "T": overall.get(label),
                      "feature_dim": stats["feature_dim"], "samples": stats["samples"], "features": args.features})
-        print(f"{name:<28} N {stats['N']:>9,}  G {stats['G']:.4g}  D {stats['D']:.4g}  "
-              + (f"T {overall[name]:.2f}  " if overall.get(name) is not None else "") +
+        print(f"{label:<28} N {stats['N']:>9,}  G {stats['G']:.4g}  D {stats['D']:.4g}  "
+              + (f"T {overall[label]:.2f}  " if overall.get(label) is not None else "") +
               f"({stats['samples']} images, {stats['feature_dim']}-d {args.features} features)", flush=True)
     write_rows(outputs, rows, STATS_COLUMNS)
     return 0

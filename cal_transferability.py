@@ -10,6 +10,8 @@ in ckpt/.
 """
 from __future__ import annotations
 
+import cpu_threads  # noqa: F401  (first: how the CPU threads wait; before torch loads OpenMP)
+
 import argparse
 import csv
 import io
@@ -24,8 +26,9 @@ from typing import Iterator, Mapping
 import torch
 from tqdm import tqdm
 
-from metrics import (COS_INIT_WARNING, DrawSummary, FrozenLayerWarning, NonFiniteTensorError, Transferability,
-                     TransferabilityMeter, mean_over_draws)
+from metrics import (HEAD, DrawSummary, FrozenLayerWarning, NonFiniteTensorError, Transferability, TransferabilityMeter,
+                     mean_over_draws)
+from metrics.diagnostics import Problem, finetuning_problems, pretraining_problems, saturation_problems
 from models import ARCHITECTURES, GENERIC, fresh_initialisation, layer_groups, num_classes_of, resolve_arch
 from plotting import layerwise_figure_bytes
 from utils import (
@@ -86,6 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "how far pre-training moved it, D(theta_r, theta_A) and the cosine similarity of theta_r "
                         "and theta_A, how much it shrank the weights (shrink) and the scale-free T (T_sf)")
     args = parser.parse_args(argv)
+    args.legends = None  # the figure's legend: the labels, or for the demo what each target is
     if args.random_init is None and args.pretrained is None and args.finetuned is None:
         # the training runs' own .last.pth checkpoints lie beside the demo weights
         demo_finetuned = sorted(p for p in CKPT_DIR.glob(DEMO_FINETUNED_GLOB) if not p.name.endswith(".last.pth"))
@@ -94,6 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UserError("no checkpoints given and no demo checkpoints in ckpt/; pass -r, -a and -b")
         args.random_init, args.pretrained = str(DEMO_RANDOM), str(DEMO_PRETRAINED)
         args.finetuned = [str(path) for path in demo_finetuned]
+        args.legends = [demo_legend(path) for path in args.finetuned]
     for flag, value in (("-r", args.random_init), ("-a", args.pretrained), ("-b", args.finetuned)):
         if value is None:
             raise UserError(f"{flag} is required (give -r, -a and -b together, or none for the demo)")
@@ -239,6 +244,13 @@ class Measured:
     label: str
     result: Transferability
     draws: DrawSummary | None = None
+    problems: tuple[Problem, ...] = ()  # why this measurement may not mean what it seems to
+
+
+def with_problems(measured: Measured) -> Measured:
+    """``measured`` with the problems of its fine-tuning (metrics/diagnostics.py)."""
+    problems = finetuning_problems(measured.result) + saturation_problems(measured.path)
+    return Measured(measured.path, measured.label, measured.result, measured.draws, tuple(problems))
 
 
 def report(measured: Measured, verbose: bool) -> None:
@@ -259,15 +271,14 @@ def report(measured: Measured, verbose: bool) -> None:
     if spread:
         print(f"Overall transferability over {draws.draws} fresh initialisations: "
               f"{draws.mean.overall:.2f} ± {draws.overall_sd:.2f}")
+    for problem in measured.problems:
+        print(f"warning: {problem.message}")
 
 
-def warn_if_pretraining_stayed_home(result: Transferability) -> None:
-    """One line on stderr when theta_A is still close to theta_r (docs/metric.md: when T means something)."""
-    median = result.median_cos_init
-    if math.isfinite(median) and median > COS_INIT_WARNING:
-        print(f"note: theta_A is still close to theta_r (median cosine similarity {median:.2f} over the "
-              f"layers, cos_init with -v); T is only meaningful when pre-training left the initialisation",
-              file=sys.stderr)
+def warn_if_pretraining_stayed_home(problems: list[Problem]) -> None:
+    """One line on stderr per problem of the pre-training itself (docs/metric.md: when T means something)."""
+    for problem in problems:
+        print(f"note: {problem.message}", file=sys.stderr)
 
 
 def draws_json(draws: DrawSummary | None, seeds: list[int] | None) -> dict | None:
@@ -283,17 +294,20 @@ def draws_json(draws: DrawSummary | None, seeds: list[int] | None) -> dict | Non
     }
 
 
-def results_json(args: argparse.Namespace, inputs: Inputs, results: list[Measured]) -> dict:
+def results_json(args: argparse.Namespace, inputs: Inputs, results: list[Measured],
+                 pretraining: list[Problem]) -> dict:
     return {
         "arch": inputs.arch,
         "random_init": args.random_init,
         "pretrained": args.pretrained,
+        "warnings": [problem.as_json() for problem in pretraining],
         "results": [
             {
                 "finetuned": m.path,
                 "label": m.label,
                 "overall": _number(m.result.overall),
                 "overall_scale_free": _number(m.result.overall_scale_free),
+                "warnings": [problem.as_json() for problem in m.problems],
                 "random_draws": draws_json(m.draws, inputs.seeds),
                 "layers": [
                     {
@@ -336,16 +350,29 @@ def results_csv(results: list[Measured]) -> str:
     return out.getvalue()
 
 
-def figure(results: list[Measured], metric: str, fmt: str, xlabel: str) -> bytes:
-    """The --fig image: T, the scale-free T, or both (scale-free dashed, in T's colour)."""
+def figure(results: list[Measured], metric: str, fmt: str, xlabel: str, legends: list[str] | None = None) -> bytes:
+    """The --fig image: T, the scale-free T, or both (scale-free dashed, in T's colour), with
+    the layers named, the head drawn apart and T = 1 marked; ``legends`` replaces the labels
+    in the legend."""
     ylabel, title = FIG_METRICS[metric]
-    plain = [(m.label, m.result.values, m.result.overall) for m in results]
-    scale_free = [(m.label, m.result.values_scale_free, m.result.overall_scale_free) for m in results]
+    names = legends or [m.label for m in results]
+    plain = [(name, m.result.values, m.result.overall) for name, m in zip(names, results)]
+    scale_free = [(name, m.result.values_scale_free, m.result.overall_scale_free) for name, m in zip(names, results)]
+    layers = results[0].result.layers
+    where = dict(layer_names=[layer.name for layer in layers], is_head=[layer.status == HEAD for layer in layers])
     if metric == "T":
-        return layerwise_figure_bytes(plain, fmt, xlabel, ylabel=ylabel, title=title)
+        return layerwise_figure_bytes(plain, fmt, xlabel, ylabel=ylabel, title=title, **where)
     if metric == "scale_free":
-        return layerwise_figure_bytes(scale_free, fmt, xlabel, ylabel=ylabel, title=title)
-    return layerwise_figure_bytes(plain, fmt, xlabel, ylabel=ylabel, title=title, dashed=scale_free)
+        return layerwise_figure_bytes(scale_free, fmt, xlabel, ylabel=ylabel, title=title, **where)
+    return layerwise_figure_bytes(plain, fmt, xlabel, ylabel=ylabel, title=title, dashed=scale_free, **where)
+
+
+def demo_legend(path: str) -> str:
+    """What a demo checkpoint is, for the figure's legend: ``demo_finetuned_gap0.0.pth`` ->
+    ``target at domain gap 0.0 (demo_finetuned_gap0.0.pth)``."""
+    name = Path(path).name
+    gap = name[len("demo_finetuned_gap"):-len(".pth")] if name.startswith("demo_finetuned_gap") else None
+    return f"target at domain gap {gap} ({name})" if gap else name
 
 
 def default_labels(paths: list[str]) -> list[str]:
@@ -375,7 +402,7 @@ def measure_all(args: argparse.Namespace, inputs: Inputs, device: torch.device) 
             print(f"theta_FB: {label}", flush=True)
             result = measure(meter, args, path, theta_b)
             draws = None if inputs.seeds is None else mean_over_draws([result])
-            results.append(Measured(path, label, result, draws))
+            results.append(with_problems(Measured(path, label, result, draws)))
             report(results[-1], args.verbose)
         return results
 
@@ -390,7 +417,7 @@ def measure_all(args: argparse.Namespace, inputs: Inputs, device: torch.device) 
     results = []
     for j, ((path, _), label) in enumerate(zip(inputs.finetuned, labels)):
         summary = mean_over_draws([draw[j] for draw in per_draw])
-        results.append(Measured(path, label, summary.mean, summary))
+        results.append(with_problems(Measured(path, label, summary.mean, summary)))
         print(f"theta_FB: {label}", flush=True)
         report(results[-1], args.verbose)
     return results
@@ -402,17 +429,20 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     inputs = load_inputs(args)
     results = measure_all(args, inputs, device)
-    if results:
-        warn_if_pretraining_stayed_home(results[0].result)  # theta_r and theta_A are the same for every -b
+    # theta_r and theta_A are the same for every -b
+    pretraining = pretraining_problems(results[0].result) if results else []
+    warn_if_pretraining_stayed_home(pretraining)
 
     if "--json" in outputs:
-        outputs.add("--json", json.dumps(results_json(args, inputs, results), indent=2, allow_nan=False) + "\n")
+        outputs.add("--json", json.dumps(results_json(args, inputs, results, pretraining), indent=2,
+                                         allow_nan=False) + "\n")
     if "--csv" in outputs:
         outputs.add("--csv", results_csv(results))
     if "--fig" in outputs:
         spec = ARCHITECTURES.get(inputs.arch)
         xlabel = "block" if spec and spec.family.name == "vit" else "layer"
-        outputs.add("--fig", figure(results, args.fig_metric, outputs.image_format("--fig"), xlabel))
+        outputs.add("--fig", figure(results, args.fig_metric, outputs.image_format("--fig"), xlabel,
+                                    None if args.labels else args.legends))
     outputs.commit()
     return 0
 

@@ -11,6 +11,8 @@ the baseline the paper's intuition compares against.
 """
 from __future__ import annotations
 
+import cpu_threads  # noqa: F401  (first: how the CPU threads wait; before torch loads OpenMP)
+
 import argparse
 import sys
 

@@ -13,39 +13,72 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 
+# Above this ratio of the largest to the smallest positive T on a figure, its y axis is
+# logarithmic: one layer decades above the rest would otherwise flatten every other point.
+LOG_AXIS_SPAN = 30.0
+# Up to this many points the x axis names every layer; beyond, it numbers them.
+NAMED_TICKS = 24
+
+
 def layerwise_figure_bytes(
     curves: Sequence[tuple[str, Sequence[float], float]], fmt: str = "png", xlabel: str = "layer",
     ylabel: str = "transferability", title: str = "Transferability",
     dashed: Sequence[tuple[str, Sequence[float], float]] | None = None,
+    layer_names: Sequence[str] | None = None, is_head: Sequence[bool] | None = None,
 ) -> bytes:
     """Layer-wise transferability, one line with markers per ``(label, values, mean)``.
 
-    Points are numbered from 1 in forward order. Infinite values (frozen layers) leave a
-    gap in the line and are counted in the legend. One curve is titled with its mean, as
-    in the paper's figure; several curves carry their means in the legend. ``dashed`` holds
-    one more curve per curve (the scale-free T), drawn dashed in the same colour; the
-    title then carries both means of a single pair.
+    Points are numbered from 1 in forward order; with ``layer_names`` the x axis names them
+    (up to :data:`NAMED_TICKS` points), the first marked as the stem. Points where ``is_head``
+    is true (the new classifier head, 1.0 by definition) are drawn apart, as hollow grey
+    markers not joined to the measured curve. A dotted line marks T = 1 (theta_A no closer
+    to theta_FB than theta_r). The y axis is logarithmic when the positive values span more
+    than :data:`LOG_AXIS_SPAN`. Infinite values (frozen layers) leave a gap in the line and
+    are counted in the legend. One curve is titled with its mean, as in the paper's figure;
+    several curves carry their means in the legend. ``dashed`` holds one more curve per curve
+    (the scale-free T), drawn dashed in the same colour; the title then carries both means
+    of a single pair.
     """
-    fig = Figure(figsize=(6.4, 4.4), dpi=150)
+    fig = Figure(figsize=(7.2, 4.8), dpi=150)
     ax = fig.subplots()
+    count = max((len(values) for _, values, _ in curves), default=0)
+    head = list(is_head) if is_head is not None else [False] * count
+    body = [i for i in range(count) if not head[i]]
+    xs = [i + 1 for i in body]
     pairs = list(zip(curves, dashed)) if dashed is not None else [(curve, None) for curve in curves]
     for (label, values, mean), extra in pairs:
-        (line,) = ax.plot(range(1, len(values) + 1), _gaps_for_infinite(values), marker="o", markersize=4,
-                          linewidth=1.5, label=_legend_text(label, values, mean))
+        (line,) = ax.plot(xs, _gaps_for_infinite([values[i] for i in body]), marker="o", markersize=4,
+                          linewidth=1.5, label=_legend_text(label, values, mean), gid="curve")
         if extra is not None:
             extra_label, extra_values, extra_mean = extra
-            ax.plot(range(1, len(extra_values) + 1), _gaps_for_infinite(extra_values), marker="o", markersize=3,
-                    linewidth=1.2, linestyle="--", color=line.get_color(),
+            ax.plot(xs, _gaps_for_infinite([extra_values[i] for i in body]), marker="o", markersize=3,
+                    linewidth=1.2, linestyle="--", color=line.get_color(), gid="curve",
                     label=_legend_text(f"{extra_label}, scale-free", extra_values, extra_mean))
+    heads = [i + 1 for i in range(count) if head[i]]
+    if heads:
+        ax.plot(heads, [1.0] * len(heads), marker="o", markersize=6, markerfacecolor="none", color="0.45",
+                linestyle="none", label="head (new for the target: 1 by definition, not in the mean)", gid="head")
+    ax.axhline(1.0, color="0.35", linewidth=0.9, linestyle=":", gid="t_equals_1",
+               label="T = 1: theta_A no closer to theta_FB than theta_r")
     if len(curves) == 1:
         means = f"mean {curves[0][2]:.2f}" + (f"; scale-free {dashed[0][2]:.2f}" if dashed else "")
         ax.set_title(f"{title} ({means})")
     else:
         ax.set_title(title)
     everything = [*curves, *(dashed or [])]
-    if len(everything) > 1 or any(not math.isfinite(v) for _, values, _ in everything for v in values):
-        ax.legend(fontsize="small")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    positive = [v for _, values, _ in everything for i, v in enumerate(values)
+                if i < count and not head[i] and math.isfinite(v) and v > 0]
+    if positive and max(positive) > LOG_AXIS_SPAN * min(positive):
+        ax.set_yscale("log")
+        ylabel += " (log scale)"
+    ax.legend(fontsize="small")
+    if layer_names is not None and len(layer_names) == count and count <= NAMED_TICKS:
+        names = [("head: " if head[i] else "stem: " if i == 0 else "") + name for i, name in enumerate(layer_names)]
+        ax.set_xticks(range(1, count + 1), names, rotation=45, ha="right", fontsize=7)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if count:
+            xlabel += f" (1 = the stem{f', {count} = the head' if head and head[-1] else ''})"
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -9,6 +9,8 @@ cal_transferability.py reads. Runs on several GPUs or nodes under torchrun (docs
 """
 from __future__ import annotations
 
+import cpu_threads  # noqa: F401  (first: how the CPU threads wait; before torch loads OpenMP)
+
 import argparse
 import sys
 

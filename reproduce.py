@@ -21,6 +21,8 @@ The code is in the ``study`` package.
 """
 from __future__ import annotations
 
+import cpu_threads  # noqa: F401  (first: how the CPU threads wait; before torch loads OpenMP)
+
 import sys
 
 from study.cli import main

@@ -37,8 +37,11 @@ __all__ = [
     "canonical_name",
     "collate_skip_none",
     "dataset_names",
+    "dataset_label",
+    "small_images_note",
     "default_img_size",
     "ignored_files_notice",
+    "imagefolder_path",
     "reads_files",
     "seeded_split",
 ]
@@ -598,7 +601,8 @@ _SPECS = (
                   _build_domainnet(name), (f"domainnet{domain}",))
       for (name, domain), size in zip(DOMAINNET_DOMAINS.items(), (120_906, 50_416, 33_525))),
     DatasetSpec("imagefolder", "imagefolder", None, None, 224,
-                "<data_dir>/<class>/<image> (any image type); seeded 80/20 split per class",
+                "<data_dir>/<class>/<image> (any image type; or --dataset imagefolder:<folder>); seeded 80/20 "
+                "split per class",
                 _build_imagefolder),
     DatasetSpec("synthetic", "synthetic", None, None, 32,
                 "generated in memory, no files (--data_dir is ignored); options as "
@@ -630,9 +634,28 @@ def canonical_name(name: str) -> str:
     canonical = _BY_NORMALISED.get(_normalise(base))
     if canonical is None:
         raise UserError(f"--dataset {name}: unknown dataset; choose one of {', '.join(dataset_names())}")
-    if has_options and canonical != "synthetic":
-        raise UserError(f"--dataset {name}: only synthetic takes options after ':'")
+    if has_options and canonical not in ("synthetic", "imagefolder"):
+        raise UserError(f"--dataset {name}: only synthetic (options) and imagefolder (a folder) take "
+                        f"something after ':'")
     return canonical
+
+
+def imagefolder_path(name: str) -> str | None:
+    """The folder of ``imagefolder:PATH`` (an own data set named with its folder, so several can
+    be given at once); None for any other name, plain ``imagefolder`` (the folder is --data_dir)
+    included."""
+    base, _, path = str(name).partition(":")
+    return path if path and _BY_NORMALISED.get(_normalise(base)) == "imagefolder" else None
+
+
+def dataset_label(name: str, data_dir: str | os.PathLike | None = None) -> str:
+    """The name a data set's results carry: ``imagefolder`` data sets are called by their folder's
+    name (``imagefolder:/data/digits`` or ``imagefolder`` with --data_dir /data/digits: "digits"),
+    so that two own folders are told apart; any other data set by ``name`` as given."""
+    if canonical_name(name) != "imagefolder":
+        return str(name)
+    folder = imagefolder_path(name) or data_dir
+    return Path(str(folder)).expanduser().resolve().name if folder else str(name)
 
 
 def default_img_size(name: str) -> int:
@@ -643,6 +666,37 @@ def default_img_size(name: str) -> int:
 
         return parse_options(str(name).partition(":")[2]).size
     return DATASETS[canonical].img_size
+
+
+def small_images_note(dataset: Dataset, size: int, probe: int = 16) -> str | None:
+    """A one-line note when the images of a folder data set are much smaller than the ``size``
+    they are resized to (at most half of it: the median shorter side of up to ``probe`` images
+    spread over the data set, read from their headers), with the --img_size that would keep
+    them near their own size; None otherwise, and for data sets not read from image files."""
+    from PIL import Image
+
+    samples = getattr(dataset, "samples", None)
+    if not samples:
+        return None
+    step = max(1, len(samples) // probe)
+    sides = []
+    for path, _ in samples[::step][:probe]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except Exception:  # noqa: BLE001 - an unreadable file is reported when it is loaded
+            continue
+    if not sides:
+        return None
+    side = sorted(sides)[len(sides) // 2]
+    if 2 * side > size:
+        return None
+    own = max(32, 1 << (side - 1).bit_length())  # the power of two at or above the images' size, at least 32
+    if own >= size:
+        return None
+    return (f"note: the images are about {side} px but are resized to {size} px (the data set's default "
+            f"--img_size); --img_size {own} keeps them near their own size, about {(size / own) ** 2:.0f}x less "
+            f"computation per image")
 
 
 def build_dataset(name: str, root: str | os.PathLike | None, split: str, transform: Callable | None = None,
@@ -662,13 +716,16 @@ def build_dataset(name: str, root: str | os.PathLike | None, split: str, transfo
         from data.synthetic import build_synthetic  # written separately; imported on use
 
         return build_synthetic(str(name).partition(":")[2], split, transform=transform, seed=seed)
+    if imagefolder_path(name) is not None:  # imagefolder:PATH names its own folder
+        root = imagefolder_path(name)
     if root is None or str(root) == "":
         raise UserError(f"--dataset {spec.title}: needs --data_dir, the folder that holds {spec.layout}")
     root = Path(root).expanduser()
+    where = f"--dataset {name}" if imagefolder_path(name) is not None else f"--data_dir {root}"
     if not root.exists():
-        raise UserError(f"--data_dir {root}: no such folder; give the folder that holds {spec.layout}")
+        raise UserError(f"{where}: no such folder; give the folder that holds {spec.layout}")
     if not root.is_dir():
-        raise UserError(f"--data_dir {root}: not a folder; give the folder that holds {spec.layout}")
+        raise UserError(f"{where}: not a folder; give the folder that holds {spec.layout}")
     try:
         return spec.build(root, split, transform, skip_corrupt, seed)
     except PermissionError as err:

@@ -118,7 +118,8 @@ def run_training(job: TrainJob, *, best_path: str | os.PathLike, outputs: Mappin
     ``init_model(model, resuming, is_main)`` runs on every process once all of them have
     checked the outputs, so that nothing is written before every check passed.
     """
-    from models import build_model
+    from data.datasets import small_images_note
+    from models import ARCHITECTURES, build_model
 
     process = join_process_group(job.device)
     if process.device.type == "cuda":
@@ -126,6 +127,7 @@ def run_training(job: TrainJob, *, best_path: str | os.PathLike, outputs: Mappin
     announce = process.printer(announce)
     lock = None
     try:
+        size_given = job.img_size is not None
         job.img_size = input_size(job.arch, job.img_size, job.dataset)
         if job.augment == "pil" and job.cache == "on":
             raise UserError("--cache on: --augment pil reads and augments every training image at every "
@@ -147,6 +149,10 @@ def run_training(job: TrainJob, *, best_path: str | os.PathLike, outputs: Mappin
         train, val, job.img_size, augment = build_train_val(
             job.dataset, job.data_dir, job.img_size, job.color_jitter, job.skip_corrupt, job.seed, job.augment,
             job.decode)
+        if not size_given and not (job.arch in ARCHITECTURES and ARCHITECTURES[job.arch].input_size):
+            note = small_images_note(train, job.img_size)
+            if note:
+                announce(note)
         seed_everything(job.seed)
         model = build_model(job.arch, num_classes=len(train.classes))
         barrier(process)

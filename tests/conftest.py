@@ -1,6 +1,13 @@
 """Shared fixtures: small checkpoint trios (theta_r, theta_A, theta_FB) written to tmp_path."""
 from __future__ import annotations
 
+import os
+
+# Before torch starts its OpenMP threads: sleep when waiting instead of spinning, so that the
+# suite neither crawls nor slows other work when it shares the cores (docs/performance.md, "A
+# busy machine"); a policy the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping

@@ -190,6 +190,72 @@ def test_stats_needs_a_checkpoint_for_penultimate_features(tmp_path, capsys):
     expect_error(capsys, ["stats", "--dataset", "synthetic", "--source", "synthetic:source"], "-a")
 
 
+def test_stats_without_source_names_the_source_flags_not_the_target_ones(tmp_path, capsys):
+    """The paper's default source (ImageNet) needs a folder: the message names --source and
+    --source_dir, the flags the user did not give, and how the demo's source is named."""
+    a = tmp_path / "a.pth"
+    torch.manual_seed(0)
+    torch.save(build_model("resnet20", 6).state_dict(), a)
+    argv = ["stats", "--dataset", "synthetic:classes=3,n=10,size=16", "-a", str(a), "--cache_dir", str(tmp_path / "c")]
+    expect_error(capsys, argv, "--source imagenet (the default", "needs --source_dir",
+                 "--source synthetic:source,classes=200")
+    assert run_cli(analyze.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "--data_dir" not in err and "--dataset ImageNet" not in err
+    expect_error(capsys, argv + ["--source", "nonesuch"], "--source nonesuch: unknown dataset")
+    expect_error(capsys, argv + ["--source_dir", str(tmp_path / "missing")], f"--source_dir {tmp_path / 'missing'}: no such")
+
+
+def test_stats_takes_the_source_recorded_beside_the_checkpoint(tmp_path, capsys):
+    """A pre-training of this project records its --dataset in A.last.pth: stats uses it when
+    --source is not given, and says so."""
+    a = tmp_path / "a.pth"
+    torch.manual_seed(0)
+    state = build_model("resnet20", 4).state_dict()
+    torch.save(state, a)
+    source = "synthetic:source,classes=4,n=10,size=16"
+    torch.save({"format": "x", "model": state, "args": {"dataset": source}}, tmp_path / "a.last.pth")
+    rows = tmp_path / "rows.json"
+    argv = ["stats", "--dataset", "synthetic:classes=3,n=10,size=16", "-a", str(a), "--cache_dir",
+            str(tmp_path / "c"), "--json", str(rows), "--max_samples", "20"]
+    capsys.readouterr()
+    assert run_cli(analyze.main, argv) == 0
+    assert f"note: --source {source} (what {tmp_path / 'a.last.pth'} records" in capsys.readouterr().err
+    recorded = json.loads(rows.read_text())
+    assert run_cli(analyze.main, argv[:-4] + ["--source", source, "--json", str(tmp_path / "given.json"), "--max_samples", "20"]) == 0
+    assert json.loads((tmp_path / "given.json").read_text())[0]["G"] == recorded[0]["G"]
+
+
+def test_stats_tells_two_image_folders_apart_by_their_names_or_labels(tmp_path, capsys):
+    """Two own folders, each named by --dataset imagefolder:FOLDER, carry their folder's name,
+    which matches cal_transferability.py --labels; --labels renames them; one name twice is refused."""
+    from tests.test_datasets import write_image
+
+    for name in ("digits", "letters"):
+        for label in range(2):
+            for k in range(6):
+                write_image(tmp_path / name / f"class{label}" / f"{k}.png", label + (2 if name == "letters" else 0), k)
+    result = tmp_path / "t.json"
+    write_result(result, [("digits", [2.0, 1.0]), ("letters", [3.0, 1.0])])
+    document = json.loads(result.read_text())
+    document["results"][0]["overall"], document["results"][1]["overall"] = 2.0, 3.0
+    result.write_text(json.dumps(document))
+    common = ["--source", "synthetic:source,classes=4,n=10,size=8", "--features", "pixels", "--pixel_size", "4",
+              "--cache_dir", str(tmp_path / "cache"), "--img_size", "8", "--transferability", str(result)]
+    folders = [f"imagefolder:{tmp_path / 'digits'}", f"imagefolder:{tmp_path / 'letters'}"]
+    rows = stats_rows(tmp_path, "named", "--dataset", *folders, *common)
+    assert [(r["dataset"], r["T"]) for r in rows] == [("digits", 2.0), ("letters", 3.0)]
+    assert rows[0]["N"] == rows[1]["N"] == 10  # 80 % of 6 per class, two classes
+    # the same folder given with --data_dir is called by its name too
+    rows = stats_rows(tmp_path, "data_dir", "--dataset", "imagefolder", "--data_dir", str(tmp_path / "digits"), *common)
+    assert [(r["dataset"], r["T"]) for r in rows] == [("digits", 2.0)]
+    write_result(result, [("mine", [2.0, 1.0]), ("theirs", [3.0, 1.0])])
+    rows = stats_rows(tmp_path, "labelled", "--dataset", *folders, "--labels", "mine", "theirs", *common)
+    assert [r["dataset"] for r in rows] == ["mine", "theirs"]
+    expect_error(capsys, ["stats", "--dataset", *folders, "--labels", "same", "same", *common], "--labels")
+    expect_error(capsys, ["stats", "--dataset", *folders, "--labels", "one", *common], "--labels: got 1 names for 2")
+
+
 # -------------------------------------------------------------------------- reproduce
 
 
@@ -552,6 +618,9 @@ def test_reproduce_stopped_by_a_signal_inside_or_outside_training_says_so_and_re
 
     import engine.loop
 
+    # the handler the test process started with: Python's default_int_handler, or SIG_IGN when the
+    # suite itself was started in the background by a shell (which ignores SIGINT there)
+    sigint_before = signal.getsignal(signal.SIGINT)
     argv = ["--preset", "tiny", "--out", str(tmp_path / "study"), "--device", "cpu"]
     expected = ("reproduce.py: stopped by {} (exit status {}); the finished runs are kept under "
                 f"{tmp_path / 'study'}: run reproduce.py again with the same flags to resume the study")
@@ -584,7 +653,7 @@ def test_reproduce_stopped_by_a_signal_inside_or_outside_training_says_so_and_re
             status = run_cli(reproduce.main, argv)
         assert status == 128 + signum
         assert stop_line(capsys) == expected.format(signal.Signals(signum).name, status)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+        assert signal.getsignal(signal.SIGINT) is sigint_before  # handlers restored
     assert run_cli(reproduce.main, argv) == 0
     assert (tmp_path / "study" / "report.md").exists()
     assert len(list((tmp_path / "study" / "finetune").glob("*/result.json"))) == 8 + 7

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench import bench_gpu
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +26,7 @@ def summary_of(stdout: str) -> dict:
     return json.loads(stdout.split(bench_gpu.JSON_MARKER, 1)[1])
 
 
+@pytest.mark.slow  # about a minute and a half: every row of the benchmark, trained and timed
 def test_tiny_run_on_the_cpu_measures_every_row(tmp_path):
     out = tmp_path / "summary.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--tiny", "--device", "cpu",

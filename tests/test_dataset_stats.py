@@ -141,7 +141,7 @@ GAP_BOUND = 0.01
 GAP_SIZES = (500, 1000, 2000, 5000)
 
 
-@pytest.mark.parametrize("d", [64, 2048])
+@pytest.mark.parametrize("d", [64, pytest.param(2048, marks=pytest.mark.slow)])  # 2048: about a minute
 def test_same_distribution_gives_a_gap_near_zero_at_every_sample_size(d: int):
     rng = np.random.default_rng(d)
     basis_features = rng.normal(size=(1000, d)) if d > 64 else None  # source samples that only fit the basis
@@ -176,7 +176,7 @@ def test_gap_is_not_clipped_at_zero():
     assert min(gaps) < 0 < max(gaps), gaps
 
 
-@pytest.mark.parametrize("d", [64, 2048])
+@pytest.mark.parametrize("d", [64, pytest.param(2048, marks=pytest.mark.slow)])  # 2048: about a minute
 def test_known_frechet_distance_is_recovered_at_every_sample_size(d: int):
     """Source N(0, diag(var)): variance 1 in 64 coordinates, 0.01 in the others; the target
     moves the mean (8 coordinates) and the spread (16 others) inside those 64. G is the

@@ -451,9 +451,26 @@ def test_unknown_dataset_lists_the_known_ones():
         build_dataset("cifar11", "/nowhere", "train")
 
 
-def test_options_are_for_synthetic_only():
-    with pytest.raises(UserError, match="only synthetic takes options"):
+def test_options_are_for_synthetic_and_a_folder_for_imagefolder_only():
+    with pytest.raises(UserError, match=r"only synthetic \(options\) and imagefolder \(a folder\)"):
         canonical_name("cifar10:n=5")
+    assert canonical_name("imagefolder:/data/digits") == "imagefolder"
+
+
+def test_imagefolder_named_by_its_folder_is_the_same_data_set_and_carries_its_name(layout, tmp_path):
+    from data.datasets import dataset_label
+
+    root, _ = layout("imagefolder")
+    for split in ("train", "val"):
+        assert paths_of(build_dataset(f"imagefolder:{root}", None, split)) == paths_of(
+            build_dataset("imagefolder", root, split))
+    # the folder in the name wins over --data_dir
+    assert paths_of(build_dataset(f"imagefolder:{root}", tmp_path / "elsewhere", "val")) == paths_of(
+        build_dataset("imagefolder", root, "val"))
+    assert dataset_label(f"imagefolder:{root}") == root.name == dataset_label("imagefolder", root)
+    assert dataset_label("CIFAR-10", "/data") == "CIFAR-10"
+    with pytest.raises(UserError, match=f"--dataset imagefolder:{tmp_path / 'none'}: no such folder"):
+        build_dataset(f"imagefolder:{tmp_path / 'none'}", None, "train")
 
 
 def test_split_must_be_train_or_val(layout):
@@ -928,3 +945,17 @@ def test_every_file_based_dataset_decodes_on_the_device(layout, name):
         images = batch.decode(torch.device("cpu"))
         expected_images = torch.stack([loader[i][0] for i in range(len(loader))])
         assert (images.int() - expected_images.int()).abs().max() <= 1
+
+
+def test_small_images_in_a_folder_get_a_note_with_the_size_to_use(layout):
+    """8-px images resized to 224 px cost 49 times the computation of 32-px ones: say so once,
+    naming --img_size; images near the size get no note, nor do data sets not made of files."""
+    from data.datasets import small_images_note
+
+    root, _ = layout("imagefolder")  # 8 x 8 images
+    train = build_dataset("imagefolder", root, "train")
+    note = small_images_note(train, 224)
+    assert note.startswith("note: the images are about 8 px but are resized to 224 px")
+    assert "--img_size 32" in note and "49x less computation" in note
+    assert small_images_note(train, 32) is None and small_images_note(train, 16) is None
+    assert small_images_note(build_dataset("synthetic:classes=2,n=4", None, "train"), 224) is None

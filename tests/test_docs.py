@@ -238,6 +238,14 @@ def test_readme_quick_start_commands_verbatim():
     assert QUICK_START in README.read_text(encoding="utf-8")
 
 
+def test_readme_gives_the_cpu_only_install_before_the_quick_start_commands():
+    """A user without a GPU who follows the quick start in order must meet the CPU build first."""
+    text = README.read_text(encoding="utf-8")
+    quick_start = text.index("## Quick start")
+    cpu_line = text.find("--index-url https://download.pytorch.org/whl/cpu", quick_start)
+    assert quick_start < cpu_line < text.index(QUICK_START)
+
+
 def test_readme_defines_t_on_its_first_screen():
     first_screen = "\n".join(README.read_text(encoding="utf-8").splitlines()[:40])
     assert re.search(r"T_l = D\(theta_r(\[l\])?, theta_FB(\[l\])?\) / D\(theta_A(\[l\])?, theta_FB(\[l\])?\)",

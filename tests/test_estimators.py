@@ -121,6 +121,7 @@ def test_logme_ranks_informative_features_above_noise_and_takes_a_single_class()
     assert math.isfinite(logme(noise, np.zeros(200, dtype=int)))
 
 
+@pytest.mark.slow  # about 17 s
 def test_logme_takes_a_thousand_dimensions_and_ten_samples_without_error():
     """Fewer samples than dimensions: the log determinant of alpha I + beta F^T F has d terms,
     of which only n carry an eigenvalue of F^T F; an implementation that sums log(alpha +
