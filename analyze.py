@@ -119,12 +119,12 @@ def source_of(args) -> str:
     if args.source:
         return args.source
     if args.pretrained and args.features == "penultimate":
-        from engine.checkpoint import run_files
+        from engine.checkpoint import load_checkpoint, run_files
 
         last = run_files(args.pretrained)[1]
         try:
-            recorded = torch_load_args(last).get("dataset")
-        except Exception:  # noqa: BLE001 - no readable record: fall back to the default
+            recorded = load_checkpoint(last).get("args", {}).get("dataset") if last.is_file() else None
+        except UserError:  # not a training checkpoint of this project: fall back to the default
             recorded = None
         if isinstance(recorded, str) and recorded:
             print(f"note: --source {recorded} (what {last} records -a was pre-trained on)", file=sys.stderr)
@@ -132,26 +132,18 @@ def source_of(args) -> str:
     return PAPER_SOURCE
 
 
-def torch_load_args(path) -> dict:
-    """The ``args`` a training checkpoint of this project records ({} when there are none)."""
-    import torch
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    return args if isinstance(args, dict) else {}
-
-
 def source_split(name: str, args, arch: str | None):
     """The pre-training set's images; its errors name --source and --source_dir, the flags
     that give it."""
     from data import canonical_name
+    from data.datasets import imagefolder_path
 
     try:
         canonical_name(name)
     except UserError:
         raise UserError(f"--source {name}: unknown dataset; give the data set -a was pre-trained on, as "
                         f"pretrain_on_ImageNet.py --dataset named it") from None
-    if not args.source_dir and canonical_name(name) not in ("synthetic",) and not _names_own_folder(name):
+    if not args.source_dir and canonical_name(name) != "synthetic" and imagefolder_path(name) is None:
         given = "--source imagenet (the default: the paper's pre-training set)" if not args.source else f"--source {name}"
         raise UserError(f"{given}: needs --source_dir, the folder of its images; or give --source the data set -a "
                         f"was pre-trained on (the demo's: --source synthetic:source,classes=200,n=150,n_val=10,"
@@ -163,12 +155,6 @@ def source_split(name: str, args, arch: str | None):
         if message.startswith("--data_dir "):
             raise UserError("--source_dir " + message[len("--data_dir "):]) from None
         raise
-
-
-def _names_own_folder(name: str) -> bool:
-    from data.datasets import imagefolder_path
-
-    return imagefolder_path(name) is not None
 
 
 def run_stats(args) -> int:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from metrics import (HEAD, DrawSummary, FrozenLayerWarning, NonFiniteTensorError, Transferability, TransferabilityMeter,
                      mean_over_draws)
+from engine.checkpoint import run_files
 from metrics.diagnostics import Problem, finetuning_problems, pretraining_problems, saturation_problems
 from models import ARCHITECTURES, GENERIC, fresh_initialisation, layer_groups, num_classes_of, resolve_arch
 from plotting import layerwise_figure_bytes
@@ -249,7 +250,7 @@ class Measured:
 
 def with_problems(measured: Measured) -> Measured:
     """``measured`` with the problems of its fine-tuning (metrics/diagnostics.py)."""
-    problems = finetuning_problems(measured.result) + saturation_problems(measured.path)
+    problems = finetuning_problems(measured.result) + saturation_problems(run_files(measured.path)[2])
     return Measured(measured.path, measured.label, measured.result, measured.draws, tuple(problems))
 
 
@@ -275,7 +276,7 @@ def report(measured: Measured, verbose: bool) -> None:
         print(f"warning: {problem.message}")
 
 
-def warn_if_pretraining_stayed_home(problems: list[Problem]) -> None:
+def print_pretraining_notes(problems: list[Problem]) -> None:
     """One line on stderr per problem of the pre-training itself (docs/metric.md: when T means something)."""
     for problem in problems:
         print(f"note: {problem.message}", file=sys.stderr)
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     results = measure_all(args, inputs, device)
     # theta_r and theta_A are the same for every -b
     pretraining = pretraining_problems(results[0].result) if results else []
-    warn_if_pretraining_stayed_home(pretraining)
+    print_pretraining_notes(pretraining)
 
     if "--json" in outputs:
         outputs.add("--json", json.dumps(results_json(args, inputs, results, pretraining), indent=2,

@@ -14,7 +14,8 @@ can go wrong give numbers that look like results (docs/metric.md, "When T means 
 * ``not_descended``: T < 1 in every layer, i.e. theta_FB is closer to theta_r than to theta_A
   everywhere: it was very likely not fine-tuned from theta_A (trained from scratch, or from
   other weights);
-* ``saturated``: the fine-tuning's own log (``B.log.jsonl`` beside ``B.pth``) shows validation
+* ``saturated``: the fine-tuning's own log (``B.log.jsonl`` beside ``B.pth``, named by
+  :func:`engine.checkpoint.run_files`) shows validation
   accuracy at :data:`SATURATED_ACC` % or more, so the best-epoch checkpoint is the first epoch
   that got there, an early snapshot of a task too easy to tell layers apart.
 
@@ -106,17 +107,10 @@ def _mean_without(layers, left_out) -> float:
     return math.fsum(kept) / len(kept) if kept else math.nan
 
 
-def log_path_of(checkpoint: str | Path) -> Path:
-    """``B.pth`` -> ``B.log.jsonl``, the log a training run of this project writes beside it."""
-    path = Path(checkpoint)
-    stem = path.with_suffix("") if path.suffix else path
-    return stem.with_name(stem.name + ".log.jsonl")
-
-
-def saturation_problems(checkpoint: str | Path) -> list[Problem]:
-    """A fine-tuning whose own log shows a saturated validation accuracy. A checkpoint
-    without a readable log (another tool's, or a moved file) is not judged."""
-    log = log_path_of(checkpoint)
+def saturation_problems(log: Path) -> list[Problem]:
+    """A fine-tuning whose own log (``log``: the run's ``B.log.jsonl``) shows a saturated
+    validation accuracy. A checkpoint without a readable log (another tool's, or a moved file)
+    is not judged."""
     try:
         history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     except (OSError, ValueError, UnicodeDecodeError):

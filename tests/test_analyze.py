@@ -214,7 +214,9 @@ def test_stats_takes_the_source_recorded_beside_the_checkpoint(tmp_path, capsys)
     state = build_model("resnet20", 4).state_dict()
     torch.save(state, a)
     source = "synthetic:source,classes=4,n=10,size=16"
-    torch.save({"format": "x", "model": state, "args": {"dataset": source}}, tmp_path / "a.last.pth")
+    from engine.checkpoint import CHECKPOINT_FORMAT
+
+    torch.save({"format": CHECKPOINT_FORMAT, "model": state, "args": {"dataset": source}}, tmp_path / "a.last.pth")
     rows = tmp_path / "rows.json"
     argv = ["stats", "--dataset", "synthetic:classes=3,n=10,size=16", "-a", str(a), "--cache_dir",
             str(tmp_path / "c"), "--json", str(rows), "--max_samples", "20"]

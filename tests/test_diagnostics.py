@@ -9,8 +9,9 @@ import pytest
 
 import cal_transferability
 from metrics import HEAD, LAYER, LayerResult, Transferability
-from metrics.diagnostics import (BARELY_MOVED, DOMINANT, SATURATED_ACC, finetuning_problems, log_path_of,
-                                 pretraining_problems, saturation_problems)
+from engine.checkpoint import run_files
+from metrics.diagnostics import (BARELY_MOVED, DOMINANT, SATURATED_ACC, finetuning_problems, pretraining_problems,
+                                 saturation_problems)
 from utils import run_cli
 
 
@@ -77,16 +78,15 @@ def write_log(path, accuracies):
 
 
 def test_a_saturated_target_is_read_from_the_fine_tuning_log(tmp_path):
-    b = tmp_path / "b.pth"
-    assert log_path_of(b) == tmp_path / "b.log.jsonl"
-    assert saturation_problems(b) == []  # no log: not judged
-    write_log(log_path_of(b), [60.0, 90.0, 98.0, 100.0, 100.0, 100.0, 100.0])
-    [problem] = saturation_problems(b)
+    log = tmp_path / "b.log.jsonl"
+    assert saturation_problems(log) == []  # no log: not judged
+    write_log(log, [60.0, 90.0, 98.0, 100.0, 100.0, 100.0, 100.0])
+    [problem] = saturation_problems(log)
     assert problem.kind == "saturated" and "100.0 % validation accuracy at epoch 4 of 7" in problem.message
-    write_log(log_path_of(b), [60.0, SATURATED_ACC - 0.1])
-    assert saturation_problems(b) == []
-    log_path_of(b).write_text("not json\n")
-    assert saturation_problems(b) == []
+    write_log(log, [60.0, SATURATED_ACC - 0.1])
+    assert saturation_problems(log) == []
+    log.write_text("not json\n")
+    assert saturation_problems(log) == []
 
 
 def perturbed_trio(make_tiny_trio, name, change):
@@ -117,7 +117,7 @@ def test_cli_names_a_layer_fine_tuning_did_not_move(make_tiny_trio, capsys, tmp_
                 for k, v in trio.theta_b.items()}
 
     trio, b = perturbed_trio(make_tiny_trio, "barely", barely)
-    write_log(log_path_of(b), [50.0, 100.0, 100.0])
+    write_log(run_files(b)[2], [50.0, 100.0, 100.0])
     out_json = tmp_path / "t.json"
     status, out, err = run(capsys, "-r", trio.r, "-a", trio.a, "-b", b, "--no_fig", "--json", out_json)
     assert status == 0, err
