@@ -26,6 +26,7 @@ from plotting import layerwise_grid_bytes
 from utils import (
     OneLineArgumentParser,
     Outputs,
+    input_roles,
     UserError,
     add_device_flag,
     add_output_flags,
@@ -163,7 +164,8 @@ def run_stats(args) -> int:
 
     from data.datasets import dataset_label
 
-    outputs = Outputs.of(args, "--json", "--csv")
+    outputs = Outputs.of(args, "--json", "--csv",
+                         inputs=input_roles("-a", args.pretrained) + input_roles("--transferability", args.transferability))
     device = resolve_device(args.device)
     if args.labels is not None and len(args.labels) != len(args.dataset):
         raise UserError(f"--labels: got {len(args.labels)} names for {len(args.dataset)} --dataset entries; "
@@ -264,7 +266,7 @@ def run_estimators(args) -> int:
     from metrics.estimators import estimate_all
     from utils import resolve_device, same_file
 
-    outputs = Outputs.of(args, "--json", "--csv")
+    outputs = Outputs.of(args, "--json", "--csv", inputs=input_roles("-a", args.pretrained))
     for index, path in enumerate(args.pretrained):
         twin = next((other for other in args.pretrained[:index] if same_file(other, path)), None)
         if twin is not None:
@@ -309,7 +311,7 @@ def run_regress(args) -> int:
     from metrics.regression import (finding1, fit_log_transferability, fit_to_dict, format_finding1, format_fit,
                                     partial_regression_figure, read_table)
 
-    outputs = Outputs.of(args, "--json", "--fig")
+    outputs = Outputs.of(args, "--json", "--fig", inputs=input_roles("table", args.table))
     rows = read_table(args.table)
     fit = fit_log_transferability(rows)
     verdict = finding1(fit)
@@ -395,7 +397,7 @@ def drawable_panels(paths: list[str]) -> list[tuple[str, list[float]]]:
 
 
 def run_figure(args) -> int:
-    outputs = Outputs({"--out": args.out}, figures=("--out",))
+    outputs = Outputs({"--out": args.out}, figures=("--out",), inputs=input_roles("RESULT.json", args.results))
     panels = drawable_panels(args.results)
     outputs.add("--out", layerwise_grid_bytes(panels, outputs.image_format("--out"), columns=args.columns))
     outputs.commit(announce=lambda path: print(f"wrote {path} ({len(panels)} panels)"))

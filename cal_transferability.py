@@ -35,6 +35,7 @@ from plotting import layerwise_figure_bytes
 from utils import (
     OneLineArgumentParser,
     Outputs,
+    input_roles,
     UserError,
     add_device_flag,
     add_output_flags,
@@ -426,7 +427,9 @@ def measure_all(args: argparse.Namespace, inputs: Inputs, device: torch.device) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    outputs = Outputs.of(args, "--json", "--csv", "--fig")
+    random_file = [] if args.random_init.startswith(RANDOM_PREFIX) else input_roles("-r", args.random_init)
+    outputs = Outputs.of(args, "--json", "--csv", "--fig",
+                         inputs=random_file + input_roles("-a", args.pretrained) + input_roles("-b", args.finetuned))
     device = resolve_device(args.device)
     inputs = load_inputs(args)
     results = measure_all(args, inputs, device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import _compat_pickle
 import argparse
 import contextlib
+import errno
 import math
 import os
 import pickle
@@ -212,15 +213,35 @@ def check_input_file(path: str | os.PathLike, wanted: str) -> Path:
     naming it and what it is instead (``wanted``: what to give, e.g. "a CSV file"). A named
     pipe or device is refused before it is opened: reading one would wait forever."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file; check the path")
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise UserError(f"{path}: {_path_problem(path, err)}") from None
+    if stat.S_ISDIR(mode):
         raise UserError(f"{path}: is a directory; give {wanted}")
-    if not path.is_file():
+    if not stat.S_ISREG(mode):
         raise UserError(f"{path}: is {_file_kind(path)}, not a regular file; give {wanted}")
     if not os.access(path, os.R_OK):
         raise UserError(f"{path}: cannot be read (permission denied)")
     return path
+
+
+def _path_problem(path: Path, err: OSError) -> str:
+    """What is wrong with a path that cannot be looked at: ``no such file; check the path``,
+    ``a name in it is longer than the file system allows``, ``is a loop of symbolic links``."""
+    if err.errno == errno.ENOENT:
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist; check the link"
+        return "no such file; check the path"
+    if err.errno == errno.ELOOP:
+        return "is a loop of symbolic links (or one too deep to follow); check the links"
+    if err.errno == errno.ENAMETOOLONG:
+        return "a name in the path is longer than the file system allows (255 bytes); choose a shorter name"
+    if err.errno == errno.ENOTDIR:
+        return "a part of the path is a file, not a directory; check the path"
+    if err.errno == errno.EACCES:
+        return "cannot be reached (permission denied on a folder in the path)"
+    return f"cannot be read ({_os_reason(err)})"
 
 
 def _file_kind(path: Path) -> str:
@@ -235,14 +256,33 @@ def _file_kind(path: Path) -> str:
 
 
 def same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
-    """Whether two paths name one file: the same resolved path (symbolic links followed), or,
-    when both exist, the same file on disk (hard links too)."""
+    """Whether two paths name one file: the same resolved path (symbolic links followed, other
+    spellings such as ``./x`` or ``d/../x`` too), or, when both exist, the same file on disk
+    (hard links, bind mounts)."""
     if os.path.realpath(first) == os.path.realpath(second):
         return True
     try:
         return os.path.samefile(first, second)
-    except OSError:  # one of them does not exist (yet)
+    except (OSError, ValueError):  # one of them does not exist (yet), or cannot be looked at
         return False
+
+
+def check_distinct_files(outputs: Iterable[tuple[str | os.PathLike, str]],
+                         inputs: Iterable[tuple[str | os.PathLike, str]] = ()) -> None:
+    """Refuse, before anything is read or written, an output that is also another output of
+    the call (one would replace the other) or any file the call reads (it would be destroyed).
+    Each item is ``(path, how an error names it)``, e.g. ``("a.pth", "-a a.pth")``; paths are
+    compared by identity (:func:`same_file`), whatever their spelling."""
+    outputs, inputs = list(outputs), list(inputs)
+    for i, (path, role) in enumerate(outputs):
+        for other, other_role in outputs[i + 1:]:
+            if same_file(path, other):
+                raise UserError(f"{other_role} and {role} name the same file, which would be written twice; "
+                                "give each its own path")
+        for source, source_role in inputs:
+            if same_file(path, source):
+                raise UserError(f"{role} is the same file as {source_role}, which this command reads; writing it "
+                                "would destroy that input: choose another path")
 
 
 def check_writable(path: str | os.PathLike, flag: str) -> Path:
@@ -252,14 +292,22 @@ def check_writable(path: str | os.PathLike, flag: str) -> Path:
     removed): ``os.access`` says yes to root for /proc, /sys and read-only mounts, and a full
     disk still takes an empty file."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as err:
+        raise UserError(f"{flag} {path}: {_path_problem(path, err)}") from None
+    if mode is not None and stat.S_ISDIR(mode):
         raise UserError(f"{flag} {path}: is a directory; give a file name")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UserError(f"{flag} {path}: is {_file_kind(path)}, not a regular file; choose another path")
     parent = path.parent
-    while not parent.exists():
+    while not os.path.lexists(parent):
         parent = parent.parent
-    if not parent.is_dir():
+    if not os.path.isdir(parent):
         raise UserError(f"{flag} {path}: {parent} is not a directory; choose another path")
-    if path.exists() and not os.access(path, os.W_OK):
+    if mode is not None and not os.access(path, os.W_OK):
         raise UserError(f"{flag} {path}: not writable (permission denied); choose another path")
     failure = _probe_folder(parent)
     if failure is not None:
@@ -267,11 +315,61 @@ def check_writable(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
+# Temporary files are named ``.NAME.PID-RANDOM.tmp`` (NAME cut to this many bytes, so that a long
+# file name still leaves room): a process killed while writing leaves one behind, and the next
+# write in that folder removes those whose process is gone.
+_TMP_NAME_BYTES = 96
+
+
+def _temporary_prefix(name: str) -> str:
+    """``.NAME.`` of the temporary files that stand in for ``name`` while it is written."""
+    short = os.fsencode(name)[:_TMP_NAME_BYTES]
+    return "." + os.fsdecode(short) + "."
+
+
+def _make_temporary(folder: Path, name: str) -> tuple[int, str]:
+    """A new temporary file in ``folder`` for ``name`` (its descriptor and path); stale ones
+    that dead processes left for the same name are removed first."""
+    prefix = _temporary_prefix(name)
+    remove_stale_temporaries(folder, prefix)
+    return tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".tmp", dir=folder)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, prefix: str = ".") -> list[Path]:
+    """Remove the temporary files (``PREFIX*PID-RANDOM.tmp``) in ``folder`` whose writing
+    process no longer runs on this machine; returns what was removed."""
+    removed = []
+    try:
+        names = [name for name in os.listdir(folder) if name.startswith(prefix) and name.endswith(".tmp")]
+    except OSError:
+        return removed
+    for name in names:
+        match = re.search(r"\.(\d+)-[^.]*\.tmp$", name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, name))
+            removed.append(Path(folder) / name)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a number no process has
+        return isinstance(sys.exc_info()[1], PermissionError)
+    return True
+
+
 def _probe_folder(folder: Path) -> OSError | None:
     """Why a file cannot be written in ``folder`` (None: it can), found by writing one byte
     to a temporary file there, which is removed whatever happens."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
+        fd, probe = _make_temporary(folder, "write-probe")
     except OSError as err:
         return err
     try:
@@ -290,13 +388,14 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
 
 
 def commit_outputs(writers: Iterable[tuple[Path, Callable[[object], None], str]],
-                   flags: Mapping[Path, str] | None = None) -> None:
+                   flags: Mapping[Path, str] | None = None, unchanged: str = "nothing was written") -> None:
     """Write several outputs so that either all of them appear or none changes.
 
     Each item is ``(path, write(handle), mode)``. All are written to temporary files first;
     only when every one succeeded are they moved into place. An ``OSError`` on the way (a
     full disk, a read-only mount) is a :class:`UserError` naming the path, after its flag
-    where ``flags`` maps the path to one, and the reason.
+    where ``flags`` maps the path to one, and the reason; when no file was replaced yet, the
+    message ends with ``unchanged`` (what is on disk then).
     """
     staged: list[tuple[str, Path]] = []
     written: list[Path] = []
@@ -304,7 +403,7 @@ def commit_outputs(writers: Iterable[tuple[Path, Callable[[object], None], str]]
     try:
         for path, write, mode in writers:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            fd, tmp = _make_temporary(path.parent, path.name)
             staged.append((tmp, path))
             # mkstemp makes the file private (0600); give it the mode a plain open() would,
             # or the mode of the file it replaces.
@@ -320,7 +419,7 @@ def commit_outputs(writers: Iterable[tuple[Path, Callable[[object], None], str]]
         cause = _os_error_in(err)
         if cause is None or path is None:
             raise
-        raise _write_error(path, cause, flags or {}, written, [tmp for tmp, _ in staged]) from None
+        raise _write_error(path, cause, flags or {}, written, [tmp for tmp, _ in staged], unchanged) from None
     finally:
         for tmp, _ in staged:
             with contextlib.suppress(OSError):
@@ -328,14 +427,14 @@ def commit_outputs(writers: Iterable[tuple[Path, Callable[[object], None], str]]
 
 
 def _write_error(path: Path, cause: OSError, flags: Mapping[Path, str], written: list[Path],
-                 temporary: list[str]) -> UserError:
+                 temporary: list[str], unchanged: str) -> UserError:
     """``--json out.json: cannot write (No space left on device); nothing was written``."""
     where = f"{flags[path]} {path}" if path in flags else str(path)
     reason = _os_reason(cause)
     if cause.filename is not None and os.fspath(cause.filename) not in (*temporary, str(path)):
         reason += f": {os.fsdecode(cause.filename)}"  # e.g. the folder that could not be made
     if not written:
-        return UserError(f"{where}: cannot write ({reason}); nothing was written")
+        return UserError(f"{where}: cannot write ({reason}); {unchanged}")
     names = ", ".join(map(str, written))
     return UserError(f"{where}: cannot write ({reason}); {names} {'was' if len(written) == 1 else 'were'} written")
 
@@ -363,9 +462,10 @@ def _umask() -> int:
     return mask
 
 
-def write_atomically(path: Path, write: Callable[[object], None], mode: str = "wb") -> None:
+def write_atomically(path: Path, write: Callable[[object], None], mode: str = "wb",
+                     unchanged: str = "nothing was written") -> None:
     """Write one file through a temporary file and ``os.replace``: all of it or nothing."""
-    commit_outputs([(path, write, mode)])
+    commit_outputs([(path, write, mode)], unchanged=unchanged)
 
 
 # ------------------------------------------------------------ flags and outputs of scripts
@@ -448,6 +548,16 @@ def figure_suffixes() -> str:
     return ", ".join(f".{fmt}" for fmt in figure_formats())
 
 
+def input_roles(flag: str, paths: str | os.PathLike | Iterable[str | os.PathLike] | None) -> list[tuple[str, str]]:
+    """``[(path, "FLAG path")]`` for the files given to ``flag`` (one, several or None), as
+    :func:`check_distinct_files` and :class:`Outputs` take the inputs of a call."""
+    if paths is None:
+        return []
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    return [(os.fspath(path), f"{flag} {os.fspath(path)}") for path in paths]
+
+
 class Outputs:
     """The files one command writes: checked before any work is done, written together
     (all of them or none, :func:`commit_outputs`), then listed.
@@ -458,9 +568,10 @@ class Outputs:
     """
 
     def __init__(self, paths: Mapping[str, str | os.PathLike | None], figures: Iterable[str] = ("--fig",),
-                 flag: str | None = None) -> None:
+                 flag: str | None = None, inputs: Iterable[tuple[str | os.PathLike, str]] = ()) -> None:
         self.paths = {key: check_writable(path, flag or key) for key, path in paths.items() if path is not None}
         self._flags = {path: flag or key for key, path in self.paths.items()}  # what errors name
+        check_distinct_files([(path, f"{flag or key} {path}") for key, path in self.paths.items()], inputs)
         for figure in figures:
             if figure in self.paths and self.image_format(figure) is None:
                 raise UserError(f"{figure} {self.paths[figure]}: unknown image format; end the name in one of "
@@ -468,13 +579,13 @@ class Outputs:
         self._writers: list[tuple[Path, Callable[[object], None], str]] = []
 
     @classmethod
-    def of(cls, args, *flags: str) -> "Outputs":
+    def of(cls, args, *flags: str, inputs: Iterable[tuple[str | os.PathLike, str]] = ()) -> "Outputs":
         """The outputs that a script's parsed ``args`` ask for among ``flags`` (``--fig``
-        unless ``--no_fig``)."""
+        unless ``--no_fig``); none may be one of the files ``inputs`` (:func:`input_roles`)."""
         paths = {flag: getattr(args, flag.lstrip("-")) for flag in flags}
         if "--fig" in paths and getattr(args, "no_fig", False):
             paths["--fig"] = None
-        return cls(paths)
+        return cls(paths, inputs=inputs)
 
     def __contains__(self, flag: str) -> bool:
         return flag in self.paths

@@ -9,6 +9,8 @@ same weights, bit for bit on the CPU, as a run that was never stopped.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
@@ -150,56 +152,94 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in unwrap(model).state_dict().items()}
 
 
-class RunLock:
-    """A lock on a run's output files (``OUT.lock`` beside ``OUT.pth``), held while the run
-    writes them, so that a second run with the same outputs is refused instead of mixing its
-    files with the first's. It is an advisory ``flock`` on the lock file, which the operating
-    system releases when the holding process ends in any way: a lock left by a dead process
-    never blocks (the file holds the last holder's pid, host and start time, for the message)."""
+def lock_file(path: str | os.PathLike) -> Path:
+    """The lock file of an output: ``.NAME.lock`` in the output's folder, with symbolic links
+    in the folder's path resolved, so that every spelling of one output has one lock file (a
+    name too long to take the suffix is shortened and made unique by a hash)."""
+    path = Path(path)
+    name = path.name
+    if len(os.fsencode(name)) > 200:
+        name = os.fsdecode(os.fsencode(name)[:160]) + "-" + hashlib.sha1(os.fsencode(name)).hexdigest()[:16]
+    return Path(os.path.realpath(path.parent)) / f".{name}.lock"
 
-    def __init__(self, best_path: str | os.PathLike, flag: str) -> None:
-        best, _, _ = run_files(best_path)
-        self.path, self.flag, self.handle = best.with_name(best.name + ".lock"), flag, None
+
+class RunLock:
+    """Locks on every file a run writes (``.NAME.lock`` beside each, :func:`lock_file`), held
+    while the run writes them: a second run that would write any of the same files (``-b x.pth``
+    and ``-b x.pt`` share ``x.last.pth``) is refused instead of mixing its files with the first's.
+
+    Each is an advisory ``flock``, which the operating system releases when the holding process
+    ends in any way: a lock left by a dead process never blocks (the file holds the last
+    holder's pid, host and start time, for the message). A lock counts only while its file is
+    still the one at the path (checked after locking), so removing the file at release cannot
+    let two processes hold the lock at once.
+    """
+
+    def __init__(self, outputs: Mapping[Path, str]) -> None:
+        by_lock = {lock_file(path): (path, flag) for path, flag in outputs.items()}
+        self.files = sorted(by_lock.items())  # one order for every run
+        self.handles: list[tuple[Path, object]] = []
 
     def acquire(self) -> None:
+        try:
+            for lock_path, (path, flag) in self.files:
+                self.handles.append((lock_path, self._lock(lock_path, path, flag)))
+        except BaseException:
+            self.release()
+            raise
+
+    @staticmethod
+    def _lock(lock_path: Path, path: Path, flag: str):
         import fcntl
         import socket
         import time
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise UserError(f"{self.flag} {self.path.with_suffix('')}: another run is writing these files ({holder}); "
-                            f"wait for it to end or stop it, or choose other output paths") from None
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):
+            handle = open(lock_path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise UserError(f"{flag} {path}: another run is writing this file ({holder}); wait for it to end "
+                                f"or stop it, or choose other output paths") from None
+            try:
+                same = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock_path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            handle.close()  # the holder removed it between our open and our lock: take the new one
+        else:
+            raise UserError(f"{flag} {path}: its lock file {lock_path} keeps changing; is another run starting?")
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
         handle.flush()
-        self.handle = handle
+        return handle
 
     def release(self) -> None:
-        if self.handle is not None:
-            self.path.unlink(missing_ok=True)
-            self.handle.close()  # closing releases the flock
-            self.handle = None
+        while self.handles:
+            lock_path, handle = self.handles.pop()
+            with contextlib.suppress(OSError):
+                lock_path.unlink(missing_ok=True)  # before closing: a waiter then finds the file gone
+            handle.close()  # closing releases the flock
 
 
-def lock_outputs(best_path: str | os.PathLike, flag: str, process: ProcessInfo) -> RunLock:
-    """The run's :class:`RunLock`, taken by the main process (the one that writes); every
-    process raises the refusal, so that none goes on alone."""
-    lock, refused = RunLock(best_path, flag), None
+def lock_outputs(outputs: Mapping[Path, str], process: ProcessInfo) -> RunLock:
+    """The run's :class:`RunLock` on ``outputs`` (file: the flag that names it), taken by the main
+    process (the one that writes); every process raises the refusal, so that none goes on alone."""
+    lock, refused = RunLock(outputs), None
     if process.is_main:
         try:
             lock.acquire()
         except UserError as err:
             refused = err
     if process.all_reduce([float(refused is not None)], op=dist.ReduceOp.MAX)[0]:
-        raise refused or UserError(f"{flag} {best_path}: another run is writing these files; wait for it to end")
+        raise refused or UserError(f"{', '.join(map(str, outputs))}: another run is writing these files; "
+                                   "wait for it to end")
     return lock
 
 

@@ -25,7 +25,7 @@ from engine.checkpoint import (
 from engine.loop import fit
 from engine.processes import barrier, join_process_group, leave_process_group, set_tf32
 from engine.settings import TrainSettings
-from utils import UserError, same_file
+from utils import UserError, check_distinct_files, same_file
 
 
 # On a GPU, the loss is read (and stop requests and divergence checked) every this many steps:
@@ -141,7 +141,7 @@ def run_training(job: TrainJob, *, best_path: str | os.PathLike, outputs: Mappin
                                 "nothing is cached; use --cache off (or auto), or --decode loader")
             job.cache = "off"
         check_outputs(outputs, job.overwrite, job.resume is not None)
-        lock = lock_outputs(best_path, outputs.get(Path(best_path), "-b"), process)
+        lock = lock_outputs(outputs, process)
         resume = None
         if job.resume:
             resume = load_checkpoint(job.resume)
@@ -177,7 +177,8 @@ def pretrain(job: TrainJob, random_init: str | os.PathLike, pretrained: str | os
     from utils import save_state_dict
 
     best, last, log = run_files(pretrained)
-    check_distinct_files([(Path(random_init), f"-r {random_init}"), *run_file_roles(pretrained, "-a")])
+    check_distinct_files([(Path(random_init), f"-r {random_init}"), *run_file_roles(pretrained, "-a")],
+                         inputs=resume_input(job, last))
     say = announce or (lambda text: print(text, flush=True))
 
     def save_initialisation(model: nn.Module, resuming: bool, is_main: bool) -> None:
@@ -199,10 +200,11 @@ def finetune(job: TrainJob, start: str | os.PathLike, finetuned: str | os.PathLi
     from models import ARCHITECTURES, fresh_head, resolve_arch
     from utils import load_state_dict_safely
 
-    check_distinct_files(run_file_roles(finetuned, "-b"), inputs=[(Path(start), f"{start_flag} {start}")])
+    best, last, log = run_files(finetuned)
+    check_distinct_files(run_file_roles(finetuned, "-b"),
+                         inputs=[(Path(start), f"{start_flag} {start}"), *resume_input(job, last)])
     state_dict = load_state_dict_safely(start)
     job.arch = resolve_arch(state_dict, job.arch, f"{start_flag} {start}")
-    best, last, log = run_files(finetuned)
 
     def load_start(model: nn.Module, resuming: bool, is_main: bool) -> None:
         fresh_head(model, job.arch)
@@ -212,22 +214,19 @@ def finetune(job: TrainJob, start: str | os.PathLike, finetuned: str | os.PathLi
                         label="fine-tune", init_model=load_start, announce=announce)
 
 
+def resume_input(job: TrainJob, last: Path) -> list[tuple[Path, str]]:
+    """``--resume`` as an input the run must not write over, unless it is the run's own
+    ``.last.pth``, which resuming reads and then carries on writing."""
+    if job.resume is None or same_file(job.resume, last):
+        return []
+    return [(Path(job.resume), f"--resume {job.resume}")]
+
+
 def run_file_roles(best: str | os.PathLike, flag: str) -> list[tuple[Path, str]]:
     """The files a run whose best weights are ``best`` (given to ``flag``) writes, each with
     how an error names it: ``-a a.pth``, ``-a a.pth (its a.last.pth)``."""
     paths = run_files(best)
     return [(paths[0], f"{flag} {best}"), *((path, f"{flag} {best} (its {path.name})") for path in paths[1:])]
-
-
-def check_distinct_files(outputs: list[tuple[Path, str]], inputs: list[tuple[Path, str]] = ()) -> None:
-    """Refuse, before anything is read or written, an output that is also another output or
-    one of the weights ``inputs``: ``-r X -a X`` would replace theta_r by theta_A, ``-a X -b X``
-    overwrite theta_A. Each item is ``(path, how an error names it)``."""
-    pairs = [(first, second, "would be written twice") for i, first in enumerate(outputs) for second in outputs[i + 1:]]
-    pairs += [(output, weights, "is an input of the run") for output in outputs for weights in inputs]
-    for (path, role), (other, other_role), problem in pairs:
-        if same_file(path, other):
-            raise UserError(f"{other_role} and {role} name the same file, which {problem}; give each flag its own file")
 
 
 def load_backbone(model: nn.Module, state_dict: Mapping, head: str, source: str) -> None:

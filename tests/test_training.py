@@ -632,16 +632,16 @@ def test_vit_refuses_another_img_size_before_reading_or_writing(vit_start, tmp_p
 
 
 def test_a_second_run_on_the_same_outputs_is_refused_and_a_dead_runs_lock_is_not(capsys, tmp_path, pretrained):
-    """Two runs with the same -b would mix their files: while one holds OUT.lock the other
-    is refused with one line naming the holder; a lock file left by a process that died
-    (no flock held) does not block; the lock file is gone after a run."""
+    """Two runs with the same -b would mix their files: while one holds the lock of OUT.pth
+    (.OUT.pth.lock) the other is refused with one line naming the holder; a lock file left by a
+    process that died (no flock held) does not block; the lock files are gone after a run."""
     import os
 
     from engine.checkpoint import RunLock
 
     _, a = pretrained
     b = tmp_path / "b.pth"
-    holder = RunLock(b, "-b")
+    holder = RunLock({b: "-b"})
     holder.acquire()
     try:
         message = expect_error(capsys, finetune.main, finetune_argv(a, b, epochs=1), "another run is writing",
@@ -650,9 +650,9 @@ def test_a_second_run_on_the_same_outputs_is_refused_and_a_dead_runs_lock_is_not
         assert not b.exists() and not (tmp_path / "b.last.pth").exists()
     finally:
         holder.release()
-    (tmp_path / "b.pth.lock").write_text("pid 999999 on elsewhere, started long ago")  # a dead run's lock
+    (tmp_path / ".b.pth.lock").write_text("pid 999999 on elsewhere, started long ago")  # a dead run's lock
     assert run_cli(finetune.main, finetune_argv(a, b, epochs=1)) == 0
-    assert b.exists() and not (tmp_path / "b.pth.lock").exists()
+    assert b.exists() and not list(tmp_path.glob(".*.lock"))
 
 
 def test_resume_with_another_schedule_batch_size_seed_or_process_count_is_refused(capsys, tmp_path, pretrained):
