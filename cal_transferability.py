@@ -221,7 +221,22 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
         if arch != GENERIC:
             resolve_arch(state_dict, arch, path, reference=args.pretrained)
         _check_same_tensors(path, state_dict, args.pretrained, theta_a, keys)
+    roles = [("-a", args.pretrained, theta_a)] + [("-b", path, state_dict) for path, state_dict in finetuned]
+    if theta_r is not None:
+        roles.insert(0, ("-r", args.random_init, theta_r))
+    check_not_copies(roles, keys)
     return Inputs(arch, theta_r, theta_a, finetuned, seeds)
+
+
+def check_not_copies(roles: list[tuple[str, str, Mapping[str, torch.Tensor]]], keys: list[str]) -> None:
+    """Refuse two files in two roles (``(flag, path, state dict)``) that hold the same weights in
+    every compared tensor: a copy is one file in two roles (check_roles_differ), by content. One
+    equal layer is legitimate (a layer fine-tuning froze) and is warned about in the results."""
+    for i, (flag, path, weights) in enumerate(roles):
+        for other_flag, other, other_weights in roles[i + 1:]:
+            if flag != other_flag and all(torch.equal(weights[key], other_weights[key]) for key in keys):
+                raise UserError(f"{other_flag} {other} holds the same weights as {flag} {path} in every layer "
+                                f"(a copy?): {SAME_FILE_PROBLEMS[flag, other_flag]}")
 
 
 def _fmt(value: float) -> float:

@@ -198,6 +198,7 @@ def load_state_dict_safely(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         obj: object = _load_safetensors(path)
     else:
+        check_zip_checksums(path)
         obj = _torch_load(path)
     state_dict = unwrap_state_dict(obj)
     if state_dict is None:
@@ -206,6 +207,57 @@ def load_state_dict_safely(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "or a dict with one under 'state_dict' or 'model'"
         )
     return state_dict
+
+
+def _zip_checksums_problem(path: Path) -> str | None:
+    """What is wrong with the stored CRC-32 checksums of a zip-format checkpoint (None: they all
+    match, or the file is not a zip). ``torch.load`` does not check them, so a flipped byte
+    inside a tensor would otherwise be read as a different weight."""
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None  # the legacy format, or not a zip at all: torch.load decides
+    with archive:
+        for member in archive.infolist():
+            try:
+                with archive.open(member) as handle:
+                    while handle.read(1 << 24):
+                        pass
+            except zipfile.BadZipFile as err:
+                return f"{member.filename}: {_first_line(err)}"
+            except (OSError, EOFError, ValueError, NotImplementedError) as err:
+                return f"{member.filename}: unreadable ({_first_line(err)})"
+    return None
+
+
+def check_zip_checksums(path: str | os.PathLike, flag: str = "") -> None:
+    """Refuse a checkpoint whose bytes do not match its stored checksums (a damaged copy)."""
+    problem = _zip_checksums_problem(Path(path))
+    if problem is not None:
+        where = f"{flag} {path}" if flag else str(path)
+        raise UserError(f"{where}: damaged: {problem} (its bytes do not match the checksum stored when it was "
+                        "written); copy or write it again")
+
+
+def check_weights_fit(state_dict: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor],
+                      source: str) -> None:
+    """Refuse weights that loading would silently change or that no training can use: a tensor
+    of another kind than the model's (integers, booleans or complex numbers for a floating-point
+    weight, or the reverse), or a floating-point tensor holding NaN or Inf. Only the keys the
+    model has are looked at; ``source`` names the file (and flag) in the message."""
+    for key, own in model_state.items():
+        theirs = state_dict.get(key)
+        if theirs is None:
+            continue
+        if theirs.is_floating_point() != own.is_floating_point() or theirs.is_complex() or theirs.dtype == torch.bool:
+            raise UserError(f"{source}: tensor {key} is {str(theirs.dtype).replace('torch.', '')}, where the model "
+                            f"holds {str(own.dtype).replace('torch.', '')}; loading would cast it, so it is refused: "
+                            "give a checkpoint whose weights are stored as such")
+        if theirs.is_floating_point() and not bool(torch.isfinite(theirs).all()):
+            raise UserError(f"{source}: tensor {key} holds NaN or Inf; the checkpoint is broken (no training "
+                            "setting can fix it): give the weights from before it broke")
 
 
 def check_input_file(path: str | os.PathLike, wanted: str) -> Path:

@@ -26,7 +26,7 @@ from torch import nn
 
 from engine.optim import Optimization
 from engine.processes import ProcessInfo
-from utils import UserError, check_writable, save_state_dict, write_atomically
+from utils import UserError, check_weights_fit, check_writable, check_zip_checksums, save_state_dict, write_atomically
 
 CHECKPOINT_FORMAT = "transferability-train-1"
 
@@ -108,6 +108,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(f"--resume {path}: no such file; give the run's .last.pth checkpoint")
     if not path.is_file():  # a named pipe would block torch.load forever
         raise UserError(f"--resume {path}: not a regular file; give the run's .last.pth checkpoint")
+    check_zip_checksums(path, "--resume")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to read is the user's file
@@ -115,6 +116,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"--resume {path}: not a training checkpoint of this project (no '{CHECKPOINT_FORMAT}' "
                         "format tag); give the run's .last.pth file")
+    checkpoint["path"] = str(path)  # for the messages of what is done with it
     return checkpoint
 
 
@@ -291,6 +293,7 @@ class Checkpointer:
         """Load a checkpoint from :func:`load_checkpoint` into the model, the optimizer,
         scheduler and scaler, and the global RNGs; return where the run stood, and a note
         when a random state could not be restored."""
+        check_weights_fit(checkpoint["model"], unwrap(model).state_dict(), f"--resume {checkpoint.get('path', '')}")
         unwrap(model).load_state_dict(checkpoint["model"])
         optimization.load_state_dicts(checkpoint)
         note = set_rng_state(checkpoint["rng"], self.process)

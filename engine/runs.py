@@ -25,7 +25,7 @@ from engine.checkpoint import (
 from engine.loop import fit
 from engine.processes import barrier, join_process_group, leave_process_group, set_tf32
 from engine.settings import TrainSettings
-from utils import UserError, check_distinct_files, same_file
+from utils import UserError, check_distinct_files, check_weights_fit, same_file
 
 
 # On a GPU, the loss is read (and stop requests and divergence checked) every this many steps:
@@ -243,6 +243,7 @@ def load_backbone(model: nn.Module, state_dict: Mapping, head: str, source: str)
         if state_dict[key].shape != tensor.shape:
             raise UserError(f"{source}: tensor {key} has shape {list(state_dict[key].shape)}, the model "
                             f"expects {list(tensor.shape)}; is it a checkpoint of this --arch?")
+    check_weights_fit(state_dict, {k: v for k, v in own.items() if not k.startswith(prefix)}, source)
     missing, _ = model.load_state_dict(
         {k: v for k, v in state_dict.items() if not k.startswith(prefix) and k in own}, strict=False)
     assert all(k.startswith(prefix) for k in missing), missing

@@ -101,7 +101,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm import tqdm
 
 from data.image_io import DECODING_VERSION
-from utils import UserError, load_state_dict_safely, write_atomically
+from utils import UserError, check_weights_fit, load_state_dict_safely, write_atomically
 
 __all__ = [
     "Extracted",
@@ -530,6 +530,7 @@ class PenultimateFeatures(FeatureExtractor):
         if f"{head_name}.weight" not in state_dict:
             raise UserError(f"{source}: has no classifier head ({head_name}.weight is missing)")
         model = build_model(arch, num_classes_of(arch, state_dict))
+        check_weights_fit(state_dict, model.state_dict(), source)
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as err:

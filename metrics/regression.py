@@ -68,6 +68,11 @@ def read_table(path: str | Path) -> list[dict]:
         with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
             reader = csv.DictReader(handle)
             header = [name.strip() for name in reader.fieldnames or []]
+            twice = next((name for i, name in enumerate(header) if name and name in header[:i]), None)
+            if twice is not None:
+                columns = [str(i + 1) for i, name in enumerate(header) if name == twice]
+                raise UserError(f"{path}: the column {twice!r} appears more than once (columns "
+                                f"{', '.join(columns)}); which one to fit is unclear: rename or remove the others")
             missing = [name for name in TABLE_COLUMNS if name not in header]
             if missing:
                 raise UserError(
