@@ -12,7 +12,7 @@ ln T = a G + b D + c ln N + d; ``figure`` draws layer-wise curves as a grid of p
 """
 from __future__ import annotations
 
-import cpu_threads  # noqa: F401  (first: how the CPU threads wait; before torch loads OpenMP)
+import script_start  # noqa: F401  (first: how CPU threads wait, Ctrl-C while importing)
 
 import csv
 import io
@@ -27,12 +27,13 @@ from utils import (
     OneLineArgumentParser,
     Outputs,
     input_roles,
+    read_json,
     UserError,
     add_device_flag,
     add_output_flags,
     check_input_file,
     int_at_least,
-    non_negative_int,
+    seed_int,
     positive_int,
     run_cli,
 )
@@ -80,7 +81,7 @@ def add_extraction_flags(parser, cached: str) -> None:
     add_device_flag(parser)
     parser.add_argument("--cache_dir", default=".cache/features",
                         help=f"{cached} are cached here per (checkpoint, dataset, split) (default: %(default)s)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="the subsets and the seeded splits")
+    parser.add_argument("--seed", type=seed_int, default=0, help="the subsets and the seeded splits")
 
 
 def validation_split(name: str, data_dir: str | None, split: str, img_size: int | None, arch: str | None = None,
@@ -340,11 +341,7 @@ def add_figure_parser(subparsers) -> None:
 
 
 def _load_results(path: str) -> dict:
-    check_input_file(path, "the --json output of cal_transferability.py")
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: not a readable JSON file ({err})") from None
+    return read_json(path, "the --json output of cal_transferability.py")
 
 
 def _short_label(result: dict) -> str:
@@ -358,9 +355,24 @@ def read_overall(path: str) -> dict[str, float | None]:
     """``{label: overall T}`` of a cal_transferability JSON (labels without .pth)."""
     document = _load_results(path)
     try:
-        return {_short_label(result): result["overall"] for result in document["results"]}
+        overall = {_short_label(result): result["overall"] for result in document["results"]}
     except (KeyError, TypeError):
         raise UserError(f"{path}: not a cal_transferability.py result (expected results[].overall)") from None
+    for label, value in overall.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"{path}: result {label!r} has overall {json.dumps(value)[:40]}, not a number or null; "
+                            "give the --json output of cal_transferability.py")
+    return overall
+
+
+def _transferability(path: str, value: object) -> float:
+    """One layer's T from a results JSON: a number, or null (inf: a frozen layer)."""
+    if value is None:
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{path}: a layer's transferability is {json.dumps(value)[:40]}, not a number or null; "
+                        "give the --json output of cal_transferability.py")
+    return float(value)
 
 
 def read_results(path: str) -> list[tuple[str, list[float]]]:
@@ -369,8 +381,7 @@ def read_results(path: str) -> list[tuple[str, list[float]]]:
     try:
         panels = []
         for result in document["results"]:
-            values = [math.inf if layer["transferability"] is None else float(layer["transferability"])
-                      for layer in result["layers"]]
+            values = [_transferability(path, layer["transferability"]) for layer in result["layers"]]
             panels.append((_short_label(result), values))
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{path}: not a cal_transferability.py result (expected results[].layers[].transferability)") from None

@@ -10,7 +10,7 @@ in ckpt/.
 """
 from __future__ import annotations
 
-import cpu_threads  # noqa: F401  (first: how the CPU threads wait; before torch loads OpenMP)
+import script_start  # noqa: F401  (first: how CPU threads wait, Ctrl-C while importing)
 
 import argparse
 import csv

@@ -11,7 +11,7 @@ the baseline the paper's intuition compares against.
 """
 from __future__ import annotations
 
-import cpu_threads  # noqa: F401  (first: how the CPU threads wait; before torch loads OpenMP)
+import script_start  # noqa: F401  (first: how CPU threads wait, Ctrl-C while importing)
 
 import argparse
 import sys

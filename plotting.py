@@ -73,7 +73,8 @@ def layerwise_figure_bytes(
         ylabel += " (log scale)"
     ax.legend(fontsize="small")
     if layer_names is not None and len(layer_names) == count and count <= NAMED_TICKS:
-        names = [("head: " if head[i] else "stem: " if i == 0 else "") + name for i, name in enumerate(layer_names)]
+        names = [("head: " if head[i] else "stem: " if i == 0 else "") + plain_text(name)
+                 for i, name in enumerate(layer_names)]
         ax.set_xticks(range(1, count + 1), names, rotation=45, ha="right", fontsize=7)
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -85,10 +86,18 @@ def layerwise_figure_bytes(
     return _encode(fig, fmt)
 
 
+def plain_text(text: object) -> str:
+    """A label from the user's data (a file name, a --labels entry, a data set name) as text
+    matplotlib draws as it is: a ``$`` is not the start of a formula (an unbalanced one would
+    fail the drawing), and bytes of a file name that are not valid UTF-8 become U+FFFD."""
+    text = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text.replace("$", r"\$")
+
+
 def _legend_text(label: str, values: Sequence[float], mean: float) -> str:
     """``label (mean X)``, with the count of infinite (frozen) points when there are any."""
     frozen = sum(1 for v in values if math.isinf(v))
-    return f"{label} (mean {mean:.2f})" + (f", {frozen} frozen" if frozen else "")
+    return f"{plain_text(label)} (mean {mean:.2f})" + (f", {frozen} frozen" if frozen else "")
 
 
 def figure_format(path: str) -> str | None:
@@ -115,7 +124,7 @@ def layerwise_grid_bytes(panels: Sequence[tuple[str, Sequence[float]]], fmt: str
         xs = range(1, len(values) + 1)
         ys = _gaps_for_infinite(values)
         ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.4, color="black")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(plain_text(title), fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(r"$T_{FB}(\theta_A)$", fontsize=8)
         ax.tick_params(labelsize=7)

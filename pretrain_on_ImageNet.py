@@ -9,7 +9,7 @@ cal_transferability.py reads. Runs on several GPUs or nodes under torchrun (docs
 """
 from __future__ import annotations
 
-import cpu_threads  # noqa: F401  (first: how the CPU threads wait; before torch loads OpenMP)
+import script_start  # noqa: F401  (first: how CPU threads wait, Ctrl-C while importing)
 
 import argparse
 import sys

@@ -21,7 +21,7 @@ The code is in the ``study`` package.
 """
 from __future__ import annotations
 
-import cpu_threads  # noqa: F401  (first: how the CPU threads wait; before torch loads OpenMP)
+import script_start  # noqa: F401  (first: how CPU threads wait, Ctrl-C while importing)
 
 import sys
 

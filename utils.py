@@ -11,10 +11,12 @@ import _compat_pickle
 import argparse
 import contextlib
 import errno
+import json
 import math
 import os
 import pickle
 import re
+import signal
 import stat
 import sys
 import tempfile
@@ -40,8 +42,14 @@ class UserError(Exception):
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a script's ``main`` and turn a :class:`UserError` into ``prog: error: ...`` + 2."""
     prog = Path(sys.argv[0]).name or "python"
+    if getattr(signal.getsignal(signal.SIGINT), "while_starting", False):  # script_start's: imports are done
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     warnings.formatwarning = lambda msg, *args, **kwargs: f"warning: {msg}\n"
     warnings.simplefilter("always")  # one warning per fine-tuned checkpoint, not one per run
+    for stream, real in ((sys.stdout, sys.__stdout__), (sys.stderr, sys.__stderr__)):
+        if stream is real and stream is not None:  # file names that are not valid UTF-8 print as their bytes
+            with contextlib.suppress(AttributeError, ValueError):
+                stream.reconfigure(errors="surrogateescape")
     try:
         return main(argv)
     except SystemExit as exit_:  # argparse's own errors (status 2) and --help (status 0)
@@ -50,6 +58,13 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         message = " ".join(str(err).split())  # one line, whatever the message holds
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print(f"{prog}: error: ran out of memory; use less data or smaller settings (a smaller batch, fewer or "
+              "smaller images), or free memory", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 # ----------------------------------------------------------------------------- devices
@@ -85,7 +100,7 @@ def _torch_load(path: Path) -> object:
         try:
             with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not the user's concern
                 warnings.simplefilter("ignore")
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+                return torch_load_file(path, mmap=mmap)
         except pickle.UnpicklingError as err:
             code = _refused_code(str(err))
             if code is not None:  # an object the restricted unpickler will not import or build
@@ -104,6 +119,18 @@ def _torch_load(path: Path) -> object:
             if not (mmap and "mmap" in str(err)):
                 raise UserError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from None
     raise AssertionError("unreachable")
+
+
+def torch_load_file(path: str | os.PathLike, mmap: bool = False) -> object:
+    """``torch.load(path, weights_only=True)`` onto the CPU. torch's reader takes only paths it
+    can encode as UTF-8: a file whose name is not valid UTF-8 is read through an open handle
+    (which cannot be memory-mapped)."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        with open(path, "rb") as handle:
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 # How torch's weights-only unpickler names a global it refuses to import: one it does not
@@ -296,6 +323,22 @@ def _path_problem(path: Path, err: OSError) -> str:
     return f"cannot be read ({_os_reason(err)})"
 
 
+def read_json(path: str | os.PathLike, wanted: str) -> object:
+    """The JSON document in ``path`` (``wanted``: what to give, for the messages); anything that
+    is not one (not UTF-8, malformed, nested too deeply to read) is a :class:`UserError`."""
+    path = check_input_file(path, wanted)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start}); give {wanted}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not a readable JSON file ({err}); give {wanted}") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to read (not {wanted}); give {wanted}") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({_os_reason(err)})") from None
+
+
 def _file_kind(path: Path) -> str:
     """``a named pipe (FIFO)``: what a path that is not a regular file or folder is."""
     mode = path.stat().st_mode
@@ -460,7 +503,8 @@ def commit_outputs(writers: Iterable[tuple[Path, Callable[[object], None], str]]
             # mkstemp makes the file private (0600); give it the mode a plain open() would,
             # or the mode of the file it replaces.
             os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
-            with os.fdopen(fd, mode) as handle:
+            text = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape"}  # file names as bytes
+            with os.fdopen(fd, mode, **text) as handle:
                 write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -532,17 +576,18 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise UserError(re.sub(r"^argument (\S+): ", r"\1 ", message))
 
 
-def int_at_least(minimum: int, why: str = "") -> Callable[[str], int]:
-    """An argparse ``type=``: a whole number of at least ``minimum``; ``why`` follows the
-    refusal (``--max_samples 3: must be at least 4 (why)``)."""
+def int_at_least(minimum: int, why: str = "", maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type=``: a whole number of at least ``minimum`` (and at most ``maximum``);
+    ``why`` follows the refusal (``--max_samples 3: must be at least 4 (why)``)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text}: not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text}: must be at least {minimum}{f' ({why})' if why else ''}")
+            raise argparse.ArgumentTypeError(f"{text[:40]}: not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"{text[:40]}: must be {bounds}{f' ({why})' if why else ''}")
         return value
 
     parse.__name__ = f"int_at_least_{minimum}"
@@ -551,6 +596,8 @@ def int_at_least(minimum: int, why: str = "") -> Callable[[str], int]:
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+# --seed: what every generator seeded from it takes (numpy's legacy one stops at 2**32 - 1)
+seed_int = int_at_least(0, "the random generators take seeds below 2**32", maximum=2**32 - 1)
 
 
 def float_in(low: float, high: float = math.inf, *, above: bool = False) -> Callable[[str], float]:

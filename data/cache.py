@@ -236,7 +236,7 @@ def fingerprint(dataset, data_dir: str | os.PathLike | None) -> str:
         except OSError:
             size, mtime = -1, -1  # loading will say what is wrong with it
         where = os.path.relpath(path, base) if base else path
-        digest.update(f"{where}\0{label}\0{size}\0{mtime}\n".encode())
+        digest.update(f"{where}\0{label}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 

@@ -183,7 +183,9 @@ def seeded_split(items: Sequence[Any], n_train: int, seed: int, key: str) -> tup
     machine and Python version, independent of the global RNG and of other keys (classes).
     Each part keeps the items' original order."""
     order = list(range(len(items)))
-    random.Random(f"{seed}/{key}").shuffle(order)
+    # as bytes: a folder name that is not valid UTF-8 (os.fsdecode's surrogates) seeds too, and
+    # valid names give the very generator their text would
+    random.Random(f"{seed}/{key}".encode("utf-8", "surrogateescape")).shuffle(order)
     chosen = set(order[:n_train])
     train = [item for i, item in enumerate(items) if i in chosen]
     val = [item for i, item in enumerate(items) if i not in chosen]

@@ -34,7 +34,8 @@ class CorruptImageError(UserError):
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
         self.path = os.fspath(path)
-        super().__init__(f"{self.path}: {reason}; replace or delete the file, or skip unreadable images")
+        super().__init__(f"{self.path}: {reason}; replace or delete the file (training: or pass --skip_corrupt to "
+                         "leave out unreadable images)")
 
 
 def is_image_file(name: str) -> bool:
@@ -56,6 +57,8 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise CorruptImageError(path, "cannot be read (permission denied)") from None
     except IsADirectoryError:
         raise CorruptImageError(path, "is a folder, not an image file") from None
+    except Image.DecompressionBombError as err:
+        raise CorruptImageError(path, f"refused as a possible decompression bomb ({_first_line(err)})") from None
     except Image.UnidentifiedImageError:
         raise CorruptImageError(path, "not an image file PIL can read") from None
     except OSError as err:

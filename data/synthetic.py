@@ -25,6 +25,7 @@ Options are given as ``synthetic:key=value,...``, e.g.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -92,11 +93,28 @@ def parse_options(options: str) -> SyntheticConfig:
         config.var < 0 and "var must be >= 0",
         config.size < 8 and "size must be at least 8",
         config.task == "source" and config.gap != 0.0 and "the source task has no gap",
+        not math.isfinite(config.var) and "var must be a finite number",
+        not 0 <= config.seed < 2**32 and "seed must be from 0 to 2**32 - 1",
+        _bytes_of(config) > _memory_bytes() and (
+            f"{config.classes} classes x {config.n + config.n_val} images of {config.size} px would take "
+            f"{_bytes_of(config) / 2**30:.3g} GiB, more than this machine's memory; give fewer or smaller images"),
     ]
     problem = next((p for p in problems if p), None)
     if problem:
         raise UserError(f"--dataset synthetic:{options}: {problem}")
     return config
+
+
+def _bytes_of(config: SyntheticConfig) -> int:
+    """The bytes of all of a configuration's images as uint8 pixels (what a cache holds)."""
+    return config.classes * (config.n + config.n_val) * 3 * config.size ** 2
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**40
 
 
 def describe(config: SyntheticConfig) -> str:

@@ -26,7 +26,8 @@ from torch import nn
 
 from engine.optim import Optimization
 from engine.processes import ProcessInfo
-from utils import UserError, check_weights_fit, check_writable, check_zip_checksums, save_state_dict, write_atomically
+from utils import (UserError, check_input_file, check_weights_fit, check_writable, check_zip_checksums,
+                   torch_load_file, write_atomically)
 
 CHECKPOINT_FORMAT = "transferability-train-1"
 
@@ -103,14 +104,13 @@ def set_rng_state(state: Mapping, process: ProcessInfo) -> str | None:
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """A training checkpoint written by :class:`Checkpointer`, read with ``weights_only=True``."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"--resume {path}: no such file; give the run's .last.pth checkpoint")
-    if not path.is_file():  # a named pipe would block torch.load forever
-        raise UserError(f"--resume {path}: not a regular file; give the run's .last.pth checkpoint")
+    try:  # a named pipe would block torch.load forever; a link loop is no missing file
+        path = check_input_file(path, "the run's .last.pth checkpoint")
+    except UserError as err:
+        raise UserError(f"--resume {err}") from None
     check_zip_checksums(path, "--resume")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch_load_file(path)
     except Exception as err:  # noqa: BLE001 - any failure to read is the user's file
         raise UserError(f"--resume {path}: not a readable training checkpoint ({str(err).splitlines()[0][:120]})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -269,10 +269,19 @@ class Checkpointer:
     def __init__(self, best_path: str | os.PathLike, process: ProcessInfo) -> None:
         self.best_path, self.last_path, self.log_path = run_files(best_path)
         self.process = process
+        self.wrote_best = False  # whether this run has written best_path
+
+    def _unchanged(self) -> str:
+        """What a failed write leaves: the end of its one-line message."""
+        on_disk = [str(path) for path in (self.best_path, self.last_path, self.log_path) if path.exists()]
+        kept = f"the run's files on disk are as they were: {', '.join(on_disk)}" if on_disk else "no file of the run exists yet"
+        return f"the run stopped here; {kept}"
 
     def save_best(self, model: nn.Module) -> None:
         if self.process.is_main:
-            save_state_dict(model_state(model), self.best_path)
+            state = model_state(model)
+            write_atomically(self.best_path, lambda handle: torch.save(state, handle), unchanged=self._unchanged())
+        self.wrote_best = True
 
     def save_last(self, model: nn.Module, optimization: Optimization, progress: RunProgress, args: dict) -> None:
         """The full checkpoint (``.last.pth``) and the log of finished epochs."""
@@ -285,9 +294,9 @@ class Checkpointer:
             "best_epoch": progress.best_epoch, "history": progress.history, "partial": progress.partial,
             "rng": rng, "args": args,
         }
-        write_atomically(self.last_path, lambda handle: torch.save(state, handle))
+        write_atomically(self.last_path, lambda handle: torch.save(state, handle), unchanged=self._unchanged())
         text = "".join(json.dumps(entry) + "\n" for entry in progress.history)
-        write_atomically(self.log_path, lambda handle: handle.write(text), mode="w")
+        write_atomically(self.log_path, lambda handle: handle.write(text), mode="w", unchanged=self._unchanged())
 
     def restore(self, checkpoint: Mapping, model: nn.Module, optimization: Optimization) -> tuple[RunProgress, str | None]:
         """Load a checkpoint from :func:`load_checkpoint` into the model, the optimizer,

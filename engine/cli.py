@@ -8,7 +8,7 @@ from data.cache import CACHE_MODES, DEFAULT_CACHE_DIR
 from data.device_decode import DECODE_MODES
 from engine.loop import COMPILE_MODES
 from engine.runs import TrainJob
-from utils import add_device_flag, float_in, non_negative_int, positive_int
+from utils import add_device_flag, float_in, non_negative_int, positive_int, seed_int
 
 
 def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -> None:
@@ -23,7 +23,7 @@ def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -
                         help="weight decay of the normalisation layers' scales and shifts (BatchNorm, "
                         "LayerNorm, GroupNorm), as torchvision's reference scripts offer (default: "
                         "--weight_decay, every parameter decayed alike, as the seed does)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seeds initialisation, data order and augmentation")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seeds initialisation, data order and augmentation")
     parser.add_argument("--color_jitter", type=float_in(0, 1), default=0.0, metavar="S",
                         help="colour jitter of strength S in [0, 1]: brightness, contrast and saturation "
                         "factors drawn from [1-S, 1+S] (default: 0, none, as the seed's argument-less "
@@ -53,6 +53,9 @@ def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -
                         "small batches); max-autotune(-no-cudagraphs) tries more kernels while compiling "
                         "(default: %(default)s). Not yet measured on a GPU: docs/performance.md")
     parser.add_argument("--sync_bn", action="store_true", help="synchronise BatchNorm across processes")
+    parser.add_argument("--dist_timeout", type=float_in(0, above=True), default=600.0, metavar="SECONDS",
+                        help="under torchrun: how long a process waits for the others to join (and at each "
+                        "later exchange) before it stops with an error (default: %(default)g)")
     parser.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (the run's .last.pth)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--skip_corrupt", action="store_true",

@@ -53,6 +53,8 @@ class FitResult:
     best_epoch: int
     history: list[dict]
     stopped_by: int = 0  # the signal number when SIGTERM/SIGINT ended the run early
+    wrote_best: bool = False  # whether this run wrote the best weights (a resumed one may never improve)
+    finished_before: bool = False  # a finished run resumed: nothing was trained
 
 
 @dataclass
@@ -496,7 +498,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, settings: TrainS
     optimization = build_optimization(model, settings, process.device)
     progress = restore(files, resume, model, optimization, settings, announce)
     if progress.epoch >= settings.epochs:  # a finished run resumed: nothing is trained, read or written
-        return FitResult(progress.best_acc, progress.best_epoch, progress.history)
+        return FitResult(progress.best_acc, progress.best_epoch, progress.history, finished_before=True)
     notice = ignored_files_notice(train_set, val_set)
     if notice:
         announce(notice)
@@ -510,7 +512,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, settings: TrainS
             train_loader, val_loader = build_loaders(train_set, val_set, samplers, settings, process, stop, announce)
         except Interrupted:
             announce(f"stopped by signal {stop.signum} while reading the images; the run's files are as they were")
-            return FitResult(progress.best_acc, progress.best_epoch, progress.history, stop.signum)
+            return FitResult(progress.best_acc, progress.best_epoch, progress.history, stop.signum, files.wrote_best)
         for epoch in tqdm(range(progress.epoch, settings.epochs), desc=settings.label, initial=progress.epoch,
                           total=settings.epochs, disable=not shows_progress(settings, process) or None):
             samplers[0].set_epoch(epoch, skip=progress.step * settings.batch_size)
@@ -533,4 +535,4 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, settings: TrainS
             announce(epoch_line(entry, settings.epochs, improved))
     if stop.signum:  # it arrived during the last validation: the run is complete, but the caller is told
         announce(f"stopped by signal {stop.signum} after the last epoch; the run is complete ({files.last_path})")
-    return FitResult(progress.best_acc, progress.best_epoch, progress.history, stop.signum)
+    return FitResult(progress.best_acc, progress.best_epoch, progress.history, stop.signum, files.wrote_best)

@@ -5,6 +5,7 @@ NCCL on GPUs and gloo on CPUs; only rank 0 prints and writes files.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -12,7 +13,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from utils import resolve_device
+from utils import UserError, resolve_device
 
 
 @dataclass(frozen=True)
@@ -47,19 +48,62 @@ class ProcessInfo:
         return announce or (lambda text: print(text, flush=True))
 
 
-def join_process_group(device_name: str) -> ProcessInfo:
+def join_process_group(device_name: str, timeout: float = 600.0,
+                       announce: Callable[[str], None] | None = None) -> ProcessInfo:
     """This process's :class:`ProcessInfo`, joining the process group when started by
-    ``torchrun``; ``device_name`` is a ``--device`` value (auto, cpu, cuda, cuda:N)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    ``torchrun``; ``device_name`` is a ``--device`` value (auto, cpu, cuda, cuda:N). The
+    variables torchrun sets are checked first; while waiting for the other processes it says
+    for what, and after ``timeout`` seconds (``--dist_timeout``) it stops with one line."""
+    world_size, rank, local_rank = launch_variables()
     device = resolve_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if world_size > 1 else (device.index or 0))
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK={local_rank}: this machine has {torch.cuda.device_count()} CUDA "
+                            "device(s); start at most that many processes per node (torchrun --nproc_per_node)")
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fastest convolution algorithms for fixed input sizes
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        (announce or (lambda text: print(text, flush=True)))(
+            f"rank {rank} of {world_size}: waiting for the other {world_size - 1} process(es) at {where} "
+            f"(up to {timeout:g} s, --dist_timeout)")
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout))
+        except Exception as err:  # noqa: BLE001 - the store's timeouts and connection errors vary by version
+            detail = " ".join(str(err).split())[:160]
+            raise UserError(f"rank {rank} of {world_size}: the other processes did not join at {where} within "
+                            f"{timeout:g} s ({detail}); start all {world_size} (torchrun --nnodes ... "
+                            "--nproc_per_node ...), check MASTER_ADDR/MASTER_PORT, or raise --dist_timeout") from None
     return ProcessInfo(rank, world_size, local_rank, device)
+
+
+def launch_variables() -> tuple[int, int, int]:
+    """``(WORLD_SIZE, RANK, LOCAL_RANK)`` as torchrun sets them (1, 0, 0 without it), checked:
+    whole numbers, ``0 <= RANK < WORLD_SIZE``, and with several processes ``MASTER_ADDR`` and a
+    ``MASTER_PORT`` from 1 to 65535. Anything else is a :class:`UserError` naming the variable."""
+    def number(name: str, default: str, low: int, high: int | None = None) -> int:
+        text = os.environ.get(name, default).strip()
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise UserError(f"{name}={text[:40]!r}: must be a whole number {bounds}; start the script with "
+                            "torchrun, which sets it, or unset it for a single process")
+        return value
+
+    world_size = number("WORLD_SIZE", "1", 1)
+    rank = number("RANK", "0", 0, world_size - 1)
+    local_rank = number("LOCAL_RANK", "0", 0, world_size - 1)
+    if world_size > 1:
+        if not os.environ.get("MASTER_ADDR", "").strip():
+            raise UserError(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set: the processes cannot find "
+                            "each other; start the script with torchrun, which sets it")
+        number("MASTER_PORT", "", 1, 65535)
+    return world_size, rank, local_rank
 
 
 def set_tf32(enabled: bool) -> None:

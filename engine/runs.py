@@ -63,6 +63,7 @@ class TrainJob:
     compile: bool = False
     compile_mode: str = "default"  # engine.loop.COMPILE_MODES
     sync_bn: bool = False
+    dist_timeout: float = 600.0  # seconds a process waits for the others under torchrun
     resume: str | None = None
     overwrite: bool = False
     skip_corrupt: bool = False
@@ -121,7 +122,7 @@ def run_training(job: TrainJob, *, best_path: str | os.PathLike, outputs: Mappin
     from data.datasets import small_images_note
     from models import ARCHITECTURES, build_model
 
-    process = join_process_group(job.device)
+    process = join_process_group(job.device, job.dist_timeout, announce)
     if process.device.type == "cuda":
         set_tf32(job.tf32)
     announce = process.printer(announce)
@@ -166,8 +167,22 @@ def run_training(job: TrainJob, *, best_path: str | os.PathLike, outputs: Mappin
         leave_process_group(process)
     if result.stopped_by:
         return 128 + result.stopped_by
-    announce(f"best val acc {result.best_acc:.2f}% at epoch {result.best_epoch}; weights in {best_path}")
+    announce(final_line(result, Path(best_path), job.resume))
     return 0
+
+
+def final_line(result, best_path: Path, resume: str | None) -> str:
+    """The run's last line: where its best weights are, naming only a file that holds them."""
+    best = f"best val acc {result.best_acc:.2f}% at epoch {result.best_epoch}"
+    if result.wrote_best:
+        return f"{best}; weights in {best_path}"
+    if result.finished_before:
+        head = f"--resume {resume}: the run had already finished; nothing was trained or written. {best}"
+    else:
+        head = f"{best}, before --resume {resume}; this run did not improve on it and did not write {best_path}"
+    if best_path.exists() and resume is not None and same_file(resume, run_files(best_path)[1]):
+        return f"{head} ({best_path} holds them, written before the resume)"
+    return f"{head}; those weights went to the best-weights file of the run that wrote {resume}"
 
 
 def pretrain(job: TrainJob, random_init: str | os.PathLike, pretrained: str | os.PathLike,

@@ -525,7 +525,7 @@ class PenultimateFeatures(FeatureExtractor):
             path = Path(checkpoint)
             source, state_dict = str(path), load_state_dict_safely(path)
             digest = _file_digest(path)
-        arch = resolve_arch(state_dict, arch, source, flag="arch")
+        arch = resolve_arch(state_dict, arch, source, flag=None if arch is None else "arch")
         head_name = ARCHITECTURES[arch].head
         if f"{head_name}.weight" not in state_dict:
             raise UserError(f"{source}: has no classifier head ({head_name}.weight is missing)")

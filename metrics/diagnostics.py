@@ -113,7 +113,7 @@ def saturation_problems(log: Path) -> list[Problem]:
     is not judged."""
     try:
         history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly nested JSON
         return []
     accuracies = [(entry.get("epoch"), entry.get("val_acc")) for entry in history if isinstance(entry, dict)]
     accuracies = [(e, a) for e, a in accuracies if isinstance(e, int) and isinstance(a, (int, float))]

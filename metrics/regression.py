@@ -32,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from statsmodels.graphics.regressionplots import plot_partregress
 
+from plotting import plain_text
 from utils import UserError, check_input_file
 
 # The table's columns the regression needs; any others are ignored.
@@ -499,8 +500,8 @@ def partial_regression_figure(
     """
     if len(rows) != fit.n or _log_label(log) != fit.log_label:
         raise ValueError("partial_regression_figure: rows/log are not those the fit was made from")
-    names = [str(row.get("dataset", "")) for row in rows]
-    groups = None if colour_by is None else [str(row.get(colour_by, "")) for row in rows]
+    names = [plain_text(row.get("dataset", "")) for row in rows]
+    groups = None if colour_by is None else [plain_text(row.get(colour_by, "")) for row in rows]
     # A bare Figure on an Agg canvas: no pyplot, so no global figure state to leak or close.
     fig = Figure(figsize=(13.5, 4.4), dpi=150)
     FigureCanvasAgg(fig)

@@ -250,12 +250,13 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def resolve_arch(state_dict: Mapping[str, torch.Tensor], requested: str | None, source: str,
-                 flag: str = "--arch", allow_generic: bool = False, reference: str | None = None) -> str:
+                 flag: str | None = "--arch", allow_generic: bool = False, reference: str | None = None) -> str:
     """The architecture of the checkpoint ``state_dict``: inferred from its tensors when
     ``requested`` is None, else ``requested`` once checked against them.
 
     ``source`` names the checkpoint (a path, ``-a PATH``) and ``flag`` what names the
-    architecture (``--arch``, or a parameter's name); both are in the messages.
+    architecture (``--arch``, or a parameter's name; None where the command has no such flag);
+    both are in the messages.
     ``allow_generic`` accepts :data:`GENERIC` (returned as it is, nothing checked) and
     suggests it when nothing matches. With ``reference`` (the file ``requested`` was found
     in) only a checkpoint recognisably of another architecture is refused: other
@@ -264,6 +265,9 @@ def resolve_arch(state_dict: Mapping[str, torch.Tensor], requested: str | None, 
     """
     if requested is None:
         arch = infer_arch(state_dict)
+        if arch is None and flag is None:  # a command with no flag to name it
+            raise UserError(f"{source}: cannot infer the architecture from its tensors; this command reads "
+                            f"checkpoints of {', '.join(ARCHITECTURES)} only")
         if arch is None:
             generic = f", or {flag} {GENERIC} to group the weights of any model by block (docs/metric.md)"
             raise UserError(f"{source}: cannot infer the architecture from its tensors; pass {flag} NAME "

@@ -518,7 +518,7 @@ INVALID_STATS_NUMBERS = [  # (flag, value, what the line says after "FLAG VALUE:
     ("--pixel_size", "-1", "must be at least 1"), ("--batch_size", "0", "must be at least 1"),
     ("--batch_size", "-3", "must be at least 1"), ("--img_size", "0", "must be at least 2"),
     ("--img_size", "1", "must be at least 2"), ("--img_size", "-3", "must be at least 2"),
-    ("--seed", "-1", "must be at least 0"), ("--seed", "x", "not a whole number"),
+    ("--seed", "-1", "must be from 0 to 4294967295"), ("--seed", "x", "not a whole number"),
 ]
 
 
