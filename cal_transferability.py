@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from metrics import (HEAD, DrawSummary, FrozenLayerWarning, NonFiniteTensorError, Transferability, TransferabilityMeter,
                      mean_over_draws)
-from engine.checkpoint import run_files
 from metrics.diagnostics import Problem, finetuning_problems, pretraining_problems, saturation_problems
 from models import ARCHITECTURES, GENERIC, fresh_initialisation, layer_groups, num_classes_of, resolve_arch
 from plotting import layerwise_figure_bytes
@@ -43,6 +42,7 @@ from utils import (
     positive_int,
     resolve_device,
     run_cli,
+    run_files,
     same_file,
 )
 
@@ -51,6 +51,7 @@ DEMO_RANDOM = CKPT_DIR / "demo_random_init.pth"
 DEMO_PRETRAINED = CKPT_DIR / "demo_pretrained.pth"
 DEMO_FINETUNED_GLOB = "demo_finetuned_*.pth"
 RANDOM_PREFIX = "random:"
+METRIC_THREADS = 1  # --threads' default (docs/performance.md, "A busy machine")
 SEED_RANGE = (-2**63, 2**64)  # what torch's generator accepts: [low, high)
 FIG_METRICS = {  # --fig_metric: (y label, title)
     "T": ("transferability T", "Transferability"),
@@ -81,6 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--labels", nargs="+", metavar="NAME",
                         help="a label per -b file for the printout, JSON/CSV and legend (default: file names)")
     add_device_flag(parser, default="cpu")  # a ResNet-50 trio takes ~66 ms here; CUDA's start-up costs more
+    parser.add_argument("--threads", type=positive_int, default=METRIC_THREADS, metavar="N",
+                        help="CPU threads for reading and measuring (default: %(default)s: the work is bound by "
+                        "memory, not arithmetic, and one thread keeps its speed when other processes busy the "
+                        "cores, where several wait on each other; docs/performance.md)")
     add_output_flags(parser, json="write the results as JSON", csv="write the results as CSV, one row per layer",
                      fig="Figs/transferability.png", fig_help="figure of T per layer")
     parser.add_argument("--fig_metric", choices=list(FIG_METRICS), default="T",
@@ -446,8 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     outputs = Outputs.of(args, "--json", "--csv", "--fig",
                          inputs=random_file + input_roles("-a", args.pretrained) + input_roles("-b", args.finetuned))
     device = resolve_device(args.device)
-    inputs = load_inputs(args)
-    results = measure_all(args, inputs, device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        inputs = load_inputs(args)
+        results = measure_all(args, inputs, device)
+    finally:
+        torch.set_num_threads(threads)
     # theta_r and theta_A are the same for every -b
     pretraining = pretraining_problems(results[0].result) if results else []
     print_pretraining_notes(pretraining)

@@ -362,6 +362,15 @@ def same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
         return False
 
 
+def run_files(best_path: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """The files of a training run whose best weights go to ``OUT.pth``: (``OUT.pth``,
+    ``OUT.last.pth``, ``OUT.log.jsonl``). Here, not in :mod:`engine.checkpoint`, so that
+    reading a run's files does not import the training code."""
+    best = Path(best_path)
+    stem = best.with_suffix("") if best.suffix else best
+    return best, stem.with_name(stem.name + ".last.pth"), stem.with_name(stem.name + ".log.jsonl")
+
+
 def check_distinct_files(outputs: Iterable[tuple[str | os.PathLike, str]],
                          inputs: Iterable[tuple[str | os.PathLike, str]] = ()) -> None:
     """Refuse, before anything is read or written, an output that is also another output of

@@ -13,25 +13,35 @@ then reports the median wall time, with the page cache warm, of:
 * naive:  build three torchvision ResNet-50s, load each state dict, and iterate
           named_parameters() computing (p - q).abs().mean() on the CPU;
 * scaling: ours with 1, 4 and --n_finetuned fine-tuned files, to show the cost per extra
-          theta_FB (theta_r and theta_A are read once).
+          theta_FB (theta_r and theta_A are read once);
+* loaded: read and ours again while --busy processes (default: one per core) spin on the
+          cores, each ending by itself after --busy_seconds at most; ours with its default
+          --threads 1 and with --threads set to torch's default, to show what one thread avoids.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torchvision
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import script_start  # noqa: E402,F401  (as the scripts: before torch)
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+
 import cal_transferability  # noqa: E402
 from utils import save_state_dict  # noqa: E402
+
+# A process that keeps one core busy in pure Python, and ends by itself after argv[1] seconds.
+BUSY = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"
 
 
 def median_time(fn, repeats: int) -> float:
@@ -84,8 +94,9 @@ def naive(path_r, path_a, path_b) -> list[float]:
     return out
 
 
-def ours(path_r, path_a, paths_b) -> None:
+def ours(path_r, path_a, paths_b, threads: int | None = None) -> None:
     argv = ["-r", str(path_r), "-a", str(path_a), "-b", *map(str, paths_b), "--no_fig", "--device", "cpu"]
+    argv += [] if threads is None else ["--threads", str(threads)]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert cal_transferability.main(argv) == 0
 
@@ -95,7 +106,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--n_finetuned", type=int, default=12)
     parser.add_argument("--dir", type=Path, help="keep the checkpoints here (default: a temporary folder)")
+    parser.add_argument("--busy", type=int, default=os.cpu_count() or 2,
+                        help="busy processes of the loaded row (default: one per core; 0: no loaded row)")
+    parser.add_argument("--busy_seconds", type=float, default=300.0,
+                        help="the most a busy process runs (default: %(default)g); they are stopped sooner "
+                        "when the row is measured")
     args = parser.parse_args()
+    default_threads = torch.get_num_threads()
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.dir or Path(tmp)
@@ -120,6 +137,30 @@ def main() -> None:
             print(f"cal_transferability, {n:2d} fine-tuned files  {times[n] * 1e3:8.1f} ms")
         print(f"cost per extra fine-tuned file {per_b * 1e3:.1f} ms = {per_b / t_read_b:.2f}x of reading one file "
               f"({t_read_b * 1e3:.1f} ms); fixed cost (r, A, setup) {(times[counts[0]] - per_b) * 1e3:.1f} ms")
+        t_all = median_time(lambda: ours(path_r, path_a, paths_b[:1], default_threads), args.repeats)
+        print(f"cal_transferability --threads {default_threads} (torch's default) {t_all * 1e3:8.1f} ms   "
+              f"{t_all / t_read:5.2f}x of reading")
+        if args.busy > 0:
+            loaded_row(args, path_r, path_a, paths_b[0], default_threads)
+
+
+def loaded_row(args, path_r, path_a, path_b, default_threads: int) -> None:
+    """Reading and measuring while ``args.busy`` processes keep the cores busy."""
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY, str(args.busy_seconds)]) for _ in range(args.busy)]
+    try:
+        time.sleep(0.5)  # let them start spinning
+        t_read = median_time(lambda: read_only((path_r, path_a, path_b)), args.repeats)
+        t_ours = median_time(lambda: ours(path_r, path_a, [path_b]), args.repeats)
+        t_all = median_time(lambda: ours(path_r, path_a, [path_b], default_threads), args.repeats)
+        alive = sum(process.poll() is None for process in busy)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    print(f"loaded ({args.busy} busy processes on {os.cpu_count()} cores; {alive} still busy at the end):")
+    print(f"  read the 3 files only     {t_read * 1e3:8.1f} ms")
+    print(f"  cal_transferability       {t_ours * 1e3:8.1f} ms   {t_ours / t_read:5.2f}x of reading (target <= 2x)")
+    print(f"  --threads {default_threads}               {t_all * 1e3:8.1f} ms   {t_all / t_read:5.2f}x of reading")
 
 
 if __name__ == "__main__":

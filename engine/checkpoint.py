@@ -26,7 +26,7 @@ from torch import nn
 
 from engine.optim import Optimization
 from engine.processes import ProcessInfo
-from utils import (UserError, check_input_file, check_weights_fit, check_writable, check_zip_checksums,
+from utils import (UserError, check_input_file, check_weights_fit, check_writable, check_zip_checksums, run_files,
                    torch_load_file, write_atomically)
 
 CHECKPOINT_FORMAT = "transferability-train-1"
@@ -39,13 +39,6 @@ RESUME_KEYS = ("arch", "dataset", "augment", "color_jitter")
 # back up, the wrong samples skipped).
 SAME_WHEN_RESUMING = ("max_epoch", "batch_size", "lr", "momentum", "weight_decay", "norm_weight_decay", "lr_step",
                       "seed", "amp", "decode", "world_size")
-
-def run_files(best_path: str | os.PathLike) -> tuple[Path, Path, Path]:
-    """``OUT.pth`` -> (``OUT.pth``, ``OUT.last.pth``, ``OUT.log.jsonl``)."""
-    best = Path(best_path)
-    stem = best.with_suffix("") if best.suffix else best
-    return best, stem.with_name(stem.name + ".last.pth"), stem.with_name(stem.name + ".log.jsonl")
-
 
 def check_outputs(outputs: Mapping[Path, str], overwrite: bool, resume: bool) -> None:
     """Refuse to replace a file unless --overwrite or --resume; fail early on unwritable

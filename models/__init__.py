@@ -15,8 +15,8 @@ from functools import lru_cache
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-import torchvision
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from utils import UserError
 
@@ -118,6 +118,8 @@ VIT = Family("vit", _vit_fingerprint, vit_layer_groups)
 
 def _vit(hidden: int, heads: int, mlp: int) -> Callable[[int], nn.Module]:
     def build(num_classes: int) -> nn.Module:
+        import torchvision  # here, not at the top: importing it takes seconds, and measuring needs none of it
+
         return torchvision.models.VisionTransformer(
             image_size=224, patch_size=16, num_layers=12, num_heads=heads,
             hidden_dim=hidden, mlp_dim=mlp, num_classes=num_classes,
@@ -126,7 +128,11 @@ def _vit(hidden: int, heads: int, mlp: int) -> Callable[[int], nn.Module]:
 
 
 def _torchvision(name: str) -> Callable[[int], nn.Module]:
-    return lambda num_classes: getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    def build(num_classes: int) -> nn.Module:
+        import torchvision  # imported when a model is built (see _vit)
+
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    return build
 
 
 def _cifar(depth: int) -> Callable[[int], nn.Module]:
@@ -208,11 +214,25 @@ def _is_layer_weight(key: str, tensor: torch.Tensor) -> bool:
     return key.endswith("weight") and tensor.dim() >= 2
 
 
+class _NoInitialisation(TorchFunctionMode):
+    """Skips every in-place operation on a ``meta`` tensor (the initialisers' ``normal_``,
+    ``uniform_``, ``zero_``...): a model built for its shapes needs no values, and torch runs
+    those operations on ``meta`` through its Python reference implementations, whose import
+    (torch._dynamo) takes seconds."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor) \
+                and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 @lru_cache(maxsize=None)
 def _reference_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     """Shapes of the architecture's 2+-dim weights outside the head (built on ``meta``:
     no memory, no initialisation cost)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _NoInitialisation():
         model = build_model(arch, num_classes=10)
     head = ARCHITECTURES[arch].head + "."
     return {
