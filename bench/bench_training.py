@@ -80,9 +80,9 @@ def seed_style(root: Path, arch: str, img_size: int, batch_size: int, epochs: in
 
 
 def ours(root: Path, arch: str, img_size: int, batch_size: int, epochs: int, classes: int, workers: int,
-         out: Path, amp: str = "off", cache: str = "auto") -> tuple[float, float | None]:
+         out: Path, amp: str = "off", cache: str = "auto") -> tuple[float, float | str | None]:
     """Training images/s of the last epoch, and the seconds spent reading the files into
-    memory before the first (None when the images were not cached)."""
+    memory before the first (when the images were not held: the loop's line about them, or None)."""
     train, val, _, augment = build_train_val("imagefolder", str(root), img_size, False, False, 0)
     torch.manual_seed(0)
     model = build_model(arch, classes)
@@ -92,9 +92,12 @@ def ours(root: Path, arch: str, img_size: int, batch_size: int, epochs: int, cla
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
         result = engine.fit(model, train, val, settings, join_process_group("cpu"),
                             out / f"bench_{amp}_{cache}.pth", augment=augment)
-    reading = re.search(r"read in ([0-9.]+) s", printed.getvalue())
+    # the loop's line on the cache: "holding the N training and M validation images in memory (X MiB,
+    # ready in S s; ...)", or in a folder (--cache disk), or why it does not hold them
+    said = next((line for line in printed.getvalue().splitlines() if "images" in line and "epoch" not in line), "")
+    held = re.search(r"^holding the .* ready in ([0-9.]+) s", said)
     # engine.fit trains on the 80 % train split; images/s counts only what it trained on.
-    return result.history[-1]["images_per_s"], float(reading.group(1)) if reading else None
+    return result.history[-1]["images_per_s"], float(held.group(1)) if held else said or None
 
 
 def ceiling(arch: str, img_size: int, batch_size: int, classes: int, amp: bool = False, steps: int = 30) -> float:
@@ -139,10 +142,10 @@ def main() -> None:
         top_bf16 = ceiling(args.arch, args.img_size, args.batch_size, args.classes, amp=True)
     print(f"seed-style loop (fp32)                  {base:8.1f} images/s   1.00x")
     print(f"finetune.py's loop (defaults, fp32)     {mine:8.1f} images/s   {mine / base:5.2f}x of seed-style")
-    if reading is not None:
+    if isinstance(reading, float):
         print(f"  (reading the files once, before epoch 1: {reading:.2f} s)")
-    else:
-        print("  (--cache auto did not cache: too little free memory)")
+    else:  # what the loop said instead, word for word
+        print(f"  (--cache auto did not hold the images; the loop said: {reading or 'nothing about them'})")
     print(f"finetune.py's loop, --cache off (fp32)  {uncached:8.1f} images/s   {uncached / base:5.2f}x")
     print(f"ceiling, fp32 (no loading)              {top:8.1f} images/s   {top / base:5.2f}x; ours is {mine / top:.0%} of it")
     print(f"finetune.py's loop, --amp bf16          {mine_bf16:8.1f} images/s   {mine_bf16 / base:5.2f}x of seed-style"
