@@ -14,7 +14,8 @@ The data are real image files: the synthetic benchmark's images written as PNGs 
               separately;
 * ours, --cache off: the same, reading and resizing every file every epoch;
 * ceiling:    the same model and step on one fixed batch already in memory (no loading,
-              no augmentation);
+              no augmentation), and again with the batch augmentation of every step (what the
+              augmentation costs, apart from the loop's own work);
 * and ours and the ceiling again with ``--amp bf16`` (bfloat16 autocast: faster where the
   CPU has bf16 instructions, but not the same numbers as fp32).
 
@@ -32,12 +33,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
-from torchvision import transforms as v1
-from torchvision.datasets import ImageFolder
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import script_start  # noqa: E402,F401  (as the scripts: how CPU threads wait, before torch)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torchvision import transforms as v1  # noqa: E402
+from torchvision.datasets import ImageFolder  # noqa: E402
+
 import engine  # noqa: E402
 from data.loading import build_train_val, default_workers  # noqa: E402
 from engine.processes import join_process_group  # noqa: E402
@@ -94,21 +97,32 @@ def ours(root: Path, arch: str, img_size: int, batch_size: int, epochs: int, cla
                             out / f"bench_{amp}_{cache}.pth", augment=augment)
     # the loop's line on the cache: "holding the N training and M validation images in memory (X MiB,
     # ready in S s; ...)", or in a folder (--cache disk), or why it does not hold them
-    said = next((line for line in printed.getvalue().splitlines() if "images" in line and "epoch" not in line), "")
+    said = next((line for line in printed.getvalue().splitlines()
+                 if line.startswith("holding") or ("cache" in line and not line.startswith("epoch"))), "")
     held = re.search(r"^holding the .* ready in ([0-9.]+) s", said)
     # engine.fit trains on the 80 % train split; images/s counts only what it trained on.
     return result.history[-1]["images_per_s"], float(held.group(1)) if held else said or None
 
 
-def ceiling(arch: str, img_size: int, batch_size: int, classes: int, amp: bool = False, steps: int = 30) -> float:
+def ceiling(arch: str, img_size: int, batch_size: int, classes: int, amp: bool = False, steps: int = 30,
+            augment=None) -> float:
+    """Images/s of the model's training step on one fixed batch already in memory; with
+    ``augment`` (the loop's batch augmentation), the fixed batch is a uint8 one that each step
+    augments and normalises first, as the loop's steps do."""
+    from data.loading import step_seed
+    from engine.loop import prepare_batch
+
     torch.manual_seed(0)
     model = build_model(arch, classes).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     images = torch.randn(batch_size, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
+    stored = torch.randint(0, 256, (batch_size, 3, img_size, img_size), dtype=torch.uint8)
     labels = torch.randint(0, classes, (batch_size,))
     times = []
-    for _ in range(steps + 2):
+    for step in range(steps + 2):
         start = time.perf_counter()
+        if augment is not None:
+            images, _ = prepare_batch(stored, labels, torch.device("cpu"), True, augment, step_seed(0, 0, step))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             loss = nn.functional.cross_entropy(model(images).float(), labels)
         optimizer.zero_grad()
@@ -138,6 +152,8 @@ def main() -> None:
         mine, reading = ours(*common)
         uncached, _ = ours(*common, cache="off")
         top = ceiling(args.arch, args.img_size, args.batch_size, args.classes)
+        augment = build_train_val("imagefolder", str(root), args.img_size, False, False, 0)[3]
+        top_augmented = ceiling(args.arch, args.img_size, args.batch_size, args.classes, augment=augment)
         mine_bf16, _ = ours(*common, amp="bf16")
         top_bf16 = ceiling(args.arch, args.img_size, args.batch_size, args.classes, amp=True)
     print(f"seed-style loop (fp32)                  {base:8.1f} images/s   1.00x")
@@ -148,6 +164,8 @@ def main() -> None:
         print(f"  (--cache auto did not hold the images; the loop said: {reading or 'nothing about them'})")
     print(f"finetune.py's loop, --cache off (fp32)  {uncached:8.1f} images/s   {uncached / base:5.2f}x")
     print(f"ceiling, fp32 (no loading)              {top:8.1f} images/s   {top / base:5.2f}x; ours is {mine / top:.0%} of it")
+    print(f"ceiling + the batch augmentation, fp32  {top_augmented:8.1f} images/s   {top_augmented / base:5.2f}x; "
+          f"ours is {mine / top_augmented:.0%} of it (the rest of the gap: the loop's own work)")
     print(f"finetune.py's loop, --amp bf16          {mine_bf16:8.1f} images/s   {mine_bf16 / base:5.2f}x of seed-style"
           " (target >= 2x)")
     print(f"ceiling, bf16 (no loading)              {top_bf16:8.1f} images/s   {top_bf16 / base:5.2f}x; ours is "
