@@ -25,7 +25,6 @@ import contextlib
 import io
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,9 +38,7 @@ import torchvision  # noqa: E402
 
 import cal_transferability  # noqa: E402
 from utils import save_state_dict  # noqa: E402
-
-# A process that keeps one core busy in pure Python, and ends by itself after argv[1] seconds.
-BUSY = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"
+from busy import busy_cores  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> float:
@@ -146,17 +143,11 @@ def main() -> None:
 
 def loaded_row(args, path_r, path_a, path_b, default_threads: int) -> None:
     """Reading and measuring while ``args.busy`` processes keep the cores busy."""
-    busy = [subprocess.Popen([sys.executable, "-c", BUSY, str(args.busy_seconds)]) for _ in range(args.busy)]
-    try:
-        time.sleep(0.5)  # let them start spinning
+    with busy_cores(args.busy, args.busy_seconds) as busy:
         t_read = median_time(lambda: read_only((path_r, path_a, path_b)), args.repeats)
         t_ours = median_time(lambda: ours(path_r, path_a, [path_b]), args.repeats)
         t_all = median_time(lambda: ours(path_r, path_a, [path_b], default_threads), args.repeats)
         alive = sum(process.poll() is None for process in busy)
-    finally:
-        for process in busy:
-            process.kill()
-            process.wait()
     print(f"loaded ({args.busy} busy processes on {os.cpu_count()} cores; {alive} still busy at the end):")
     print(f"  read the 3 files only     {t_read * 1e3:8.1f} ms")
     print(f"  cal_transferability       {t_ours * 1e3:8.1f} ms   {t_ours / t_read:5.2f}x of reading (target <= 2x)")

@@ -141,3 +141,18 @@ def test_integer_or_broken_weights_in_a_resume_checkpoint_are_refused(capsys, tm
         refused(capsys, finetune.main, ["--dataset", TARGET, *FAST, "-a", str(tiny_trio.a), "-b",
                                         str(tmp_path / f"{name}.pth"), "--resume", str(bad)],
                 f"--resume {bad}", "conv1.weight")
+
+
+def test_the_checksum_is_zips_with_or_without_isal(monkeypatch, tmp_path, tiny_trio):
+    import sys
+    import zlib
+
+    import utils
+
+    data = tiny_trio.a.read_bytes()
+    assert utils._crc32(data) == zlib.crc32(data)
+    monkeypatch.setitem(sys.modules, "isal.isal_zlib", None)  # not installed: zlib's is used
+    assert utils._crc32(data) == zlib.crc32(data)
+    damaged = flip_a_tensor_byte(tiny_trio.a, tmp_path / "damaged.pth")
+    assert "bad CRC-32" in utils._zip_checksums_problem(damaged)
+    assert utils._zip_checksums_problem(tiny_trio.a) is None
