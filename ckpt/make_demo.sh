@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates the demo checkpoints in ckpt/ (the shipped ones are its output; 55 minutes measured
-# on a 2-core CPU shared with other work, about 25 on a quiet one, most of it pre-training, whose
-# log adds up to 21 minutes of training steps at the quiet speed; docs/datasets.md): a
-# CIFAR-style ResNet-20 pre-trained on the synthetic source task with the
+# Regenerates the demo checkpoints in ckpt/, bit for bit (the shipped ones are its output; 33
+# minutes measured on a quiet 2-core CPU, 55 shared with other work, most of it pre-training;
+# docs/datasets.md): a CIFAR-style ResNet-20 pre-trained on the synthetic source task with the
 # study's paper-regime recipe (reproduce.py --preset paper: weight decay 7e-3 on the weights,
 # so that the lr x weight-decay budget is close to the seed's 120 ImageNet epochs and theta_A
 # really leaves theta_r; the seed's 1e-4 on BatchNorm's scales and shifts, which a large decay
