@@ -503,10 +503,10 @@ def _process_alive(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except PermissionError:  # another user's process
+        return True
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process has
         return False
-    except (PermissionError, OverflowError):  # another user's process; a number no process has
-        return isinstance(sys.exc_info()[1], PermissionError)
     return True
 
 

@@ -149,9 +149,8 @@ def sum_of_squares(tensor: torch.Tensor, chunk: int) -> float:
     """``sum(x^2)`` over the tensor, each chunk widened to float64 (no overflow, no full-size copy)."""
     flat = tensor.reshape(-1)
     total = torch.zeros((), dtype=torch.float64, device=tensor.device)
-    wide = torch.empty(min(chunk, flat.numel()), dtype=torch.float64, device=tensor.device)  # reused: no allocation per chunk
     for start in range(0, flat.numel(), chunk):
-        piece = wide[: min(chunk, flat.numel() - start)].copy_(flat[start : start + chunk])
+        piece = flat[start : start + chunk].to(torch.float64)
         total += torch.dot(piece, piece)
     return total.item()
 
@@ -176,11 +175,7 @@ def _pair_stats(r: torch.Tensor, a: torch.Tensor, chunk: int) -> _Pair:
     flat_r, flat_a = r.reshape(-1), a.reshape(-1)
     sums = torch.zeros(8, dtype=torch.float64, device=a.device)
     # |a - r|, <a, r>, |a|^2, |r|^2 (the cosine's), |a|, |r|, |a|^2, |r|^2 (the RMS's)
-    size = min(chunk, flat_a.numel())
-    buffer = torch.empty(size, dtype=dtype, device=a.device)
-    # reused float64 copies (no allocation per chunk); copies even of float64 input: abs_ below
-    # must not touch theta_r or theta_A
-    wide_buffers = torch.empty((2, size), dtype=torch.float64, device=a.device)
+    buffer = torch.empty(min(chunk, flat_a.numel()), dtype=dtype, device=a.device)
     for start in range(0, flat_a.numel(), chunk):
         piece_r, piece_a = flat_r[start : start + chunk].to(dtype), flat_a[start : start + chunk].to(dtype)
         work = buffer[: piece_a.numel()]
@@ -188,8 +183,8 @@ def _pair_stats(r: torch.Tensor, a: torch.Tensor, chunk: int) -> _Pair:
         sums[1] += torch.dot(piece_a, piece_r)
         sums[2] += torch.dot(piece_a, piece_a)
         sums[3] += torch.dot(piece_r, piece_r)
-        wide_a = wide_buffers[0, : piece_a.numel()].copy_(piece_a)
-        wide_r = wide_buffers[1, : piece_r.numel()].copy_(piece_r)
+        # copies even of float64 input: abs_ below must not touch theta_r or theta_A
+        wide_a, wide_r = piece_a.to(torch.float64, copy=True), piece_r.to(torch.float64, copy=True)
         sums[6] += torch.dot(wide_a, wide_a)
         sums[7] += torch.dot(wide_r, wide_r)
         sums[4] += wide_a.abs_().sum()

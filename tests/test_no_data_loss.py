@@ -15,21 +15,11 @@ import cal_transferability
 import finetune
 import pretrain_on_ImageNet
 from engine.checkpoint import RunLock, lock_file
+from cli_helpers import FAST, TARGET, refused
 from utils import run_cli, write_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = "synthetic:source,classes=6,n=12,n_val=4,size=16"
-TARGET = "synthetic:classes=4,n=12,n_val=4,size=16,gap=0.5"
-FAST = ["--arch", "resnet20", "--batch_size", "16", "--workers", "0", "--device", "cpu", "--max_epoch", "1"]
-
-
-def refused(capsys, main, argv, *needles: str) -> str:
-    assert run_cli(main, argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    for needle in needles:
-        assert needle in err[0], err[0]
-    return err[0]
 
 
 def snapshot(*folders: Path) -> dict[str, bytes]:

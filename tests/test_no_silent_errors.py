@@ -13,20 +13,10 @@ import torch
 import analyze
 import cal_transferability
 import finetune
+from cli_helpers import FAST, TARGET, refused
 from utils import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-TARGET = "synthetic:classes=4,n=12,n_val=4,size=16,gap=0.5"
-FAST = ["--arch", "resnet20", "--batch_size", "16", "--workers", "0", "--device", "cpu", "--max_epoch", "1"]
-
-
-def refused(capsys, main, argv, *needles: str) -> str:
-    assert run_cli(main, argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and "Traceback" not in "\n".join(err), err
-    for needle in needles:
-        assert needle in err[-1], err[-1]
-    return err[-1]
 
 
 def flip_a_tensor_byte(source: Path, target: Path) -> Path:
