@@ -23,9 +23,11 @@ fine-tuning's end point with two starting points; when pre-training barely left 
 initialisation (``cos_init`` near 1), theta_r and theta_A are nearly the same point and T
 says little about what pre-training learned.
 
-Everything here is a pure function of state dicts. Sums are accumulated in float64, in
-cache-sized chunks on the CPU, so the cost is a pass over each file's bytes (two over a
-fine-tuned file: its RMS first) and no full-size temporary is ever made.
+Everything here is a pure function of state dicts, computed in cache-sized chunks on the
+CPU, so the cost is a pass over each file's bytes (two over a fine-tuned file: its RMS
+first) and no full-size temporary is ever made. Each chunk's sums are taken in the inputs'
+precision (float32 at least: a relative error of the order of 1e-7, the size of the rounding
+of the differences themselves) and the chunks' sums added in float64.
 """
 from __future__ import annotations
 
@@ -121,10 +123,9 @@ def abs_diff_sums(target: torch.Tensor, references: Sequence[torch.Tensor], chun
 
     ``target`` is walked once, chunk by chunk, and compared with every reference while the
     chunk is in cache. Half-precision inputs are widened to float32 before subtracting. Each
-    chunk's sum of ``|ref - target|`` is taken in float64; that of ``|ref - c * target|`` in
-    the chunk's precision (torch's pairwise summation: a relative error of the order of 1e-7,
-    the size of the rounding of the scaled differences themselves) at a fifth of the cost.
-    The chunks' sums are added in float64.
+    chunk's sum is taken in the chunk's precision (torch's pairwise summation: a relative error
+    of the order of 1e-7, the size of the rounding of the differences themselves), a third
+    faster than widening each chunk to float64; the chunks' sums are added in float64.
     """
     dtype = _compute_dtype(target, *references)
     flat_target = target.reshape(-1)
@@ -138,21 +139,40 @@ def abs_diff_sums(target: torch.Tensor, references: Sequence[torch.Tensor], chun
         for i, ref in enumerate(flat_refs):
             ref_piece = ref[start : start + chunk].to(dtype)
             torch.sub(ref_piece, piece, out=diff)
-            sums[i] += diff.abs_().sum(dtype=torch.float64)
+            sums[i] += diff.abs_().sum()
             if scales is not None:
                 torch.sub(ref_piece, piece, alpha=scales[i], out=diff)
                 sums[count + i] += diff.abs_().sum()
     return sums
 
 
+# A mean square below this (an RMS below 1e-15) is summed again in float64: float32 squares of
+# such numbers lose digits (subnormal below 1.2e-38) or underflow to 0.
+_TINY_MEAN_SQUARE = 1e-30
+
+
+def _narrow_enough(square_sum: float, count: int) -> bool:
+    """Whether a sum of squares taken in float32 can be trusted: finite, and not so small
+    that the squares were subnormal (an all-zero tensor is also summed again: it is rare)."""
+    return math.isfinite(square_sum) and square_sum / max(count, 1) >= _TINY_MEAN_SQUARE
+
+
 def sum_of_squares(tensor: torch.Tensor, chunk: int) -> float:
-    """``sum(x^2)`` over the tensor, each chunk widened to float64 (no overflow, no full-size copy)."""
+    """``sum(x^2)`` over the tensor: each chunk's dot product in the tensor's precision
+    (float32 at least; pairwise, a relative error of the order of 1e-7), the chunks' sums
+    added in float64, no full-size copy. A sum that float32 cannot hold well (a square that
+    overflows, |x| above about 1.8e19, or a mean square below _TINY_MEAN_SQUARE, where the
+    squares lose digits or underflow) sends the tensor to float64."""
+    dtype = _compute_dtype(tensor)
     flat = tensor.reshape(-1)
     total = torch.zeros((), dtype=torch.float64, device=tensor.device)
     for start in range(0, flat.numel(), chunk):
-        piece = flat[start : start + chunk].to(torch.float64)
+        piece = flat[start : start + chunk].to(dtype)
         total += torch.dot(piece, piece)
-    return total.item()
+    value = total.item()
+    if dtype != torch.float64 and not _narrow_enough(value, flat.numel()) and torch.isfinite(tensor).all():
+        return sum_of_squares(tensor.double(), chunk)
+    return value
 
 
 class _Pair(NamedTuple):
@@ -167,31 +187,33 @@ class _Pair(NamedTuple):
 
 
 def _pair_stats(r: torch.Tensor, a: torch.Tensor, chunk: int) -> _Pair:
-    """Everything :class:`_Pair` holds, in one chunked pass over both tensors. As for D, each
-    chunk is compared in the inputs' precision (float32 at least) and its sum taken in float64;
-    the RMS's squares and mean|x| are summed in float64 (each chunk widened once), the
-    cosine's dot products in each chunk's own precision."""
+    """Everything :class:`_Pair` holds, in one chunked pass over both tensors. These are
+    diagnostics and the scale-free T's scales, not T itself, so each chunk's sums (|a - r|,
+    the three dot products, |a| and |r|) are taken in the inputs' precision (float32 at
+    least; pairwise, a relative error of the order of 1e-7) and only the chunks' sums are
+    added in float64: about 40 % faster than widening every chunk. A float32 sum that
+    overflows sends both tensors to float64."""
     dtype = _compute_dtype(r, a)
     flat_r, flat_a = r.reshape(-1), a.reshape(-1)
-    sums = torch.zeros(8, dtype=torch.float64, device=a.device)
-    # |a - r|, <a, r>, |a|^2, |r|^2 (the cosine's), |a|, |r|, |a|^2, |r|^2 (the RMS's)
+    sums = torch.zeros(6, dtype=torch.float64, device=a.device)
+    # |a - r|, <a, r>, |a|^2, |r|^2, |a|, |r|
     buffer = torch.empty(min(chunk, flat_a.numel()), dtype=dtype, device=a.device)
     for start in range(0, flat_a.numel(), chunk):
         piece_r, piece_a = flat_r[start : start + chunk].to(dtype), flat_a[start : start + chunk].to(dtype)
         work = buffer[: piece_a.numel()]
-        sums[0] += torch.sub(piece_a, piece_r, out=work).abs_().sum(dtype=torch.float64)
+        sums[0] += torch.dist(piece_a, piece_r, 1)
         sums[1] += torch.dot(piece_a, piece_r)
         sums[2] += torch.dot(piece_a, piece_a)
         sums[3] += torch.dot(piece_r, piece_r)
-        # copies even of float64 input: abs_ below must not touch theta_r or theta_A
-        wide_a, wide_r = piece_a.to(torch.float64, copy=True), piece_r.to(torch.float64, copy=True)
-        sums[6] += torch.dot(wide_a, wide_a)
-        sums[7] += torch.dot(wide_r, wide_r)
-        sums[4] += wide_a.abs_().sum()
-        sums[5] += wide_r.abs_().sum()
-    moved, dot, norm_a, norm_r, abs_a, abs_r, square_a, square_r = sums.tolist()
+        sums[4] += torch.abs(piece_a, out=work).sum()
+        sums[5] += torch.abs(piece_r, out=work).sum()
+    moved, dot, square_a, square_r, abs_a, abs_r = sums.tolist()
     n = max(a.numel(), 1)
-    norms = math.sqrt(norm_a) * math.sqrt(norm_r)
+    if dtype != torch.float64 and not (all(map(math.isfinite, (moved, dot, abs_a, abs_r)))
+                                       and _narrow_enough(square_a, n) and _narrow_enough(square_r, n)) \
+            and torch.isfinite(r).all() and torch.isfinite(a).all():
+        return _pair_stats(r.double(), a.double(), chunk)
+    norms = math.sqrt(square_a) * math.sqrt(square_r)
     return _Pair(moved / n, dot / norms if norms > 0 else math.nan, abs_r / n, abs_a / n,
                  math.sqrt(square_r / n), math.sqrt(square_a / n))
 
