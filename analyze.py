@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -82,6 +83,20 @@ def add_extraction_flags(parser, cached: str) -> None:
     parser.add_argument("--cache_dir", default=".cache/features",
                         help=f"{cached} are cached here per (checkpoint, dataset, split) (default: %(default)s)")
     parser.add_argument("--seed", type=seed_int, default=0, help="the subsets and the seeded splits")
+
+
+def data_folders(args) -> list[tuple[str | None, str]]:
+    """The data sets' folders a subcommand reads, each with how an error names it."""
+    from data.datasets import imagefolder_path
+
+    folders = [(getattr(args, flag), f"--{flag} {getattr(args, flag)}") for flag in ("data_dir", "source_dir")
+               if getattr(args, flag, None)]
+    for flag in ("dataset", "source"):
+        given = getattr(args, flag, None)
+        for name in ([given] if isinstance(given, str) else given or []):
+            if imagefolder_path(name) is not None:
+                folders.append((imagefolder_path(name), f"--{flag} {name}"))
+    return [(os.path.expanduser(folder), role) for folder, role in folders]
 
 
 def validation_split(name: str, data_dir: str | None, split: str, img_size: int | None, arch: str | None = None,
@@ -166,7 +181,8 @@ def run_stats(args) -> int:
     from data.datasets import dataset_label
 
     outputs = Outputs.of(args, "--json", "--csv",
-                         inputs=input_roles("-a", args.pretrained) + input_roles("--transferability", args.transferability))
+                         inputs=input_roles("-a", args.pretrained) + input_roles("--transferability", args.transferability),
+                         folders=data_folders(args))
     device = resolve_device(args.device)
     if args.labels is not None and len(args.labels) != len(args.dataset):
         raise UserError(f"--labels: got {len(args.labels)} names for {len(args.dataset)} --dataset entries; "
@@ -267,7 +283,7 @@ def run_estimators(args) -> int:
     from metrics.estimators import estimate_all
     from utils import resolve_device, same_file
 
-    outputs = Outputs.of(args, "--json", "--csv", inputs=input_roles("-a", args.pretrained))
+    outputs = Outputs.of(args, "--json", "--csv", inputs=input_roles("-a", args.pretrained), folders=data_folders(args))
     for index, path in enumerate(args.pretrained):
         twin = next((other for other in args.pretrained[:index] if same_file(other, path)), None)
         if twin is not None:

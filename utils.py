@@ -430,6 +430,53 @@ def check_distinct_files(outputs: Iterable[tuple[str | os.PathLike, str]],
                                 "would destroy that input: choose another path")
 
 
+def check_not_in_folder(outputs: Iterable[tuple[str | os.PathLike, str]], folder: str | os.PathLike | None,
+                        folder_role: str) -> None:
+    """Refuse an output that is one of the files under ``folder`` (a data set's folder the call
+    reads: images, label lists, batches), compared by identity as :func:`check_distinct_files`
+    does. Only outputs that exist can be such a file, so a fresh run costs a ``stat`` per
+    output; otherwise the folder is walked once (symbolic links to folders followed, each
+    folder once), matching the inode the directory listing gives before any ``stat``."""
+    if folder is None or not os.path.isdir(folder):
+        return
+    existing = {}
+    for path, role in outputs:
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            continue
+        existing[(st.st_dev, st.st_ino)] = role
+    if not existing:
+        return
+    inodes = {ino for _, ino in existing}
+    seen, stack = set(), [os.fspath(folder)]
+    while stack:
+        current = stack.pop()
+        try:
+            st = os.stat(current)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(current))
+        except OSError:
+            continue  # the data set's loader says what is wrong with a folder it needs
+        for entry in entries:
+            try:
+                linked = entry.is_symlink()
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append(entry.path)
+                    continue
+                if not linked and entry.inode() not in inodes:
+                    continue
+                st = entry.stat(follow_symlinks=True)
+            except OSError:
+                continue
+            role = existing.get((st.st_dev, st.st_ino))
+            if role is not None:
+                raise UserError(f"{role} is the same file as {entry.path} in {folder_role}, which this command "
+                                "reads; writing it would destroy that input: choose another path")
+
+
 def check_writable(path: str | os.PathLike, flag: str) -> Path:
     """Fail early (before any work) when ``path`` could not be written later.
 
@@ -717,10 +764,14 @@ class Outputs:
     """
 
     def __init__(self, paths: Mapping[str, str | os.PathLike | None], figures: Iterable[str] = ("--fig",),
-                 flag: str | None = None, inputs: Iterable[tuple[str | os.PathLike, str]] = ()) -> None:
+                 flag: str | None = None, inputs: Iterable[tuple[str | os.PathLike, str]] = (),
+                 folders: Iterable[tuple[str | os.PathLike | None, str]] = ()) -> None:
         self.paths = {key: check_writable(path, flag or key) for key, path in paths.items() if path is not None}
         self._flags = {path: flag or key for key, path in self.paths.items()}  # what errors name
-        check_distinct_files([(path, f"{flag or key} {path}") for key, path in self.paths.items()], inputs)
+        roles = [(path, f"{flag or key} {path}") for key, path in self.paths.items()]
+        check_distinct_files(roles, inputs)
+        for folder, folder_role in folders:  # data sets' folders the command reads
+            check_not_in_folder(roles, folder, folder_role)
         for figure in figures:
             if figure in self.paths and self.image_format(figure) is None:
                 raise UserError(f"{figure} {self.paths[figure]}: unknown image format; end the name in one of "
@@ -728,13 +779,15 @@ class Outputs:
         self._writers: list[tuple[Path, Callable[[object], None], str]] = []
 
     @classmethod
-    def of(cls, args, *flags: str, inputs: Iterable[tuple[str | os.PathLike, str]] = ()) -> "Outputs":
+    def of(cls, args, *flags: str, inputs: Iterable[tuple[str | os.PathLike, str]] = (),
+           folders: Iterable[tuple[str | os.PathLike | None, str]] = ()) -> "Outputs":
         """The outputs that a script's parsed ``args`` ask for among ``flags`` (``--fig``
-        unless ``--no_fig``); none may be one of the files ``inputs`` (:func:`input_roles`)."""
+        unless ``--no_fig``); none may be one of the files ``inputs`` (:func:`input_roles`)
+        or a file under one of the data folders ``folders`` (folder, how an error names it)."""
         paths = {flag: getattr(args, flag.lstrip("-")) for flag in flags}
         if "--fig" in paths and getattr(args, "no_fig", False):
             paths["--fig"] = None
-        return cls(paths, inputs=inputs)
+        return cls(paths, inputs=inputs, folders=folders)
 
     def __contains__(self, flag: str) -> bool:
         return flag in self.paths

@@ -25,7 +25,7 @@ from engine.checkpoint import (
 from engine.loop import fit
 from engine.processes import barrier, join_process_group, leave_process_group, set_tf32
 from engine.settings import TrainSettings
-from utils import UserError, check_distinct_files, check_weights_fit, same_file
+from utils import UserError, check_distinct_files, check_not_in_folder, check_weights_fit, same_file
 
 
 # On a GPU, the loss is read (and stop requests and divergence checked) every this many steps:
@@ -142,6 +142,7 @@ def run_training(job: TrainJob, *, best_path: str | os.PathLike, outputs: Mappin
                                 "nothing is cached; use --cache off (or auto), or --decode loader")
             job.cache = "off"
         check_outputs(outputs, job.overwrite, job.resume is not None)
+        check_not_in_folder([(path, f"{flag} {path}") for path, flag in outputs.items()], *data_folder(job))
         lock = lock_outputs(outputs, process)
         resume = None
         if job.resume:
@@ -227,6 +228,16 @@ def finetune(job: TrainJob, start: str | os.PathLike, finetuned: str | os.PathLi
 
     return run_training(job, best_path=finetuned, outputs={best: "-b", last: "-b", log: "-b"}, schedule="cosine",
                         label="fine-tune", init_model=load_start, announce=announce)
+
+
+def data_folder(job: TrainJob) -> tuple[str | None, str]:
+    """The folder the run's data set reads, and how an error names it (None: made in memory)."""
+    from data.datasets import imagefolder_path
+
+    own = imagefolder_path(job.dataset)
+    if own is not None:
+        return own, f"--dataset {job.dataset}"
+    return (None if job.data_dir is None else os.path.expanduser(job.data_dir)), f"--data_dir {job.data_dir}"
 
 
 def resume_input(job: TrainJob, last: Path) -> list[tuple[Path, str]]:

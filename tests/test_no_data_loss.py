@@ -202,3 +202,42 @@ def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_pa
     write_atomically(target, lambda h: h.write(b"[]"))
     assert not live[0].exists() and target.read_bytes() == b"[]"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json", "out.json"]
+
+
+def test_training_never_writes_over_a_file_of_its_data_set(capsys, tmp_path):
+    """The images (and list files) a run reads are inputs too: an output that is one of them,
+    under any name (the file itself, a symbolic or hard link outside the folder, a link to its
+    class folder), is refused with --overwrite, for --dataset imagefolder:PATH and --data_dir."""
+    from test_datasets import make_imagefolder
+
+    folder = tmp_path / "photos"
+    make_imagefolder(folder)
+    image = folder / "dogs" / "003.jpeg"
+    (tmp_path / "elsewhere").mkdir()
+    hard = tmp_path / "elsewhere" / "weights.pth"
+    os.link(image, hard)
+    (tmp_path / "classes").symlink_to(folder / "dogs")
+    a = tmp_path / "a.pth"
+    assert run_cli(pretrain_on_ImageNet.main, ["--dataset", SOURCE, *FAST, "-r", str(tmp_path / "r.pth"), "-a",
+                                               str(a)]) == 0
+    capsys.readouterr()
+    before = snapshot(folder)
+    for dataset in ([f"imagefolder:{folder}"], ["imagefolder", "--data_dir", str(folder)]):
+        for out in (image, hard, tmp_path / "classes" / "003.jpeg"):
+            refused(capsys, finetune.main, ["--dataset", *dataset, *FAST, "--img_size", "16", "-a", str(a),
+                                            "-b", str(out), "--overwrite"],
+                    f"-b {out}", "which this command reads", str(folder))
+        refused(capsys, pretrain_on_ImageNet.main, ["--dataset", *dataset, *FAST, "--img_size", "16", "-r",
+                                                    str(folder / "cats" / "000.png"), "-a", str(tmp_path / "x.pth"),
+                                                    "--overwrite"], "-r", "which this command reads")
+    # analyze.py's subcommands read the same folders (--dataset imagefolder:PATH, --data_dir, --source_dir)
+    cases = [["estimators", "--dataset", f"imagefolder:{folder}", "-a", str(a), "--json", str(hard)],
+             ["estimators", "--dataset", "imagefolder", "--data_dir", str(folder), "-a", str(a), "--csv", str(image)],
+             ["stats", "--dataset", SOURCE, "--source", "imagefolder", "--source_dir", str(folder), "-a", str(a),
+              "--json", str(hard)]]
+    for argv in cases:
+        refused(capsys, analyze.main, argv, "which this command reads", str(folder))
+    assert snapshot(folder) == before
+    # an output beside the images that is not one of them is written as before
+    assert run_cli(finetune.main, ["--dataset", f"imagefolder:{folder}", *FAST, "--img_size", "16", "-a", str(a),
+                                   "-b", str(folder / "b.pth")]) == 0
