@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from utils import UserError
 
+from .cifar_densenet import CifarDenseNet
 from .cifar_resnet import CifarResNet
 from .layer_maps import (LayerGroup, densenet_layer_groups, generic_layer_groups, resnet_layer_groups,
                          vit_layer_groups)
@@ -116,12 +117,12 @@ DENSENET = Family("densenet", _densenet_fingerprint, densenet_layer_groups)
 VIT = Family("vit", _vit_fingerprint, vit_layer_groups)
 
 
-def _vit(hidden: int, heads: int, mlp: int) -> Callable[[int], nn.Module]:
+def _vit(hidden: int, heads: int, mlp: int, image_size: int = 224, patch_size: int = 16) -> Callable[[int], nn.Module]:
     def build(num_classes: int) -> nn.Module:
         import torchvision  # here, not at the top: importing it takes seconds, and measuring needs none of it
 
         return torchvision.models.VisionTransformer(
-            image_size=224, patch_size=16, num_layers=12, num_heads=heads,
+            image_size=image_size, patch_size=patch_size, num_layers=12, num_heads=heads,
             hidden_dim=hidden, mlp_dim=mlp, num_classes=num_classes,
         )
     return build
@@ -135,8 +136,8 @@ def _torchvision(name: str) -> Callable[[int], nn.Module]:
     return build
 
 
-def _cifar(depth: int) -> Callable[[int], nn.Module]:
-    return lambda num_classes: CifarResNet(depth=depth, num_classes=num_classes)
+def _cifar(depth: int, bottleneck: bool = False) -> Callable[[int], nn.Module]:
+    return lambda num_classes: CifarResNet(depth=depth, num_classes=num_classes, bottleneck=bottleneck)
 
 
 _TV_RESNETS = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True),
@@ -155,6 +156,14 @@ def _register_builtin() -> None:
     for depth, config in _TV_DENSENETS.items():
         register(Architecture(f"densenet{depth}", DENSENET, _torchvision(f"densenet{depth}"),
                               head="classifier", fingerprint=config))
+    # CPU-scale members of the paper's other families (docs/architectures.md): ResNet-50's
+    # bottleneck blocks, DenseNet-121's dense blocks and transitions, ViT-small's 12 blocks
+    register(Architecture("resnet29_bottleneck", RESNET, _cifar(29, bottleneck=True), head="fc",
+                          fingerprint=((3, 3, 3), True, 16)))
+    register(Architecture("densenet63", DENSENET, lambda num_classes: CifarDenseNet(num_classes=num_classes),
+                          head="classifier", fingerprint=((3, 6, 12, 8), 24)))
+    register(Architecture("vit_w96_p4", VIT, _vit(hidden=96, heads=3, mlp=384, image_size=32, patch_size=4),
+                          head="heads.head", fingerprint=((12,), 96), input_size=32))
     register(Architecture("vit_s16", VIT, _vit(hidden=384, heads=6, mlp=1536), head="heads.head",
                           fingerprint=((12,), 384), input_size=224))
     register(Architecture("vit_b16", VIT, _vit(hidden=768, heads=12, mlp=3072), head="heads.head",

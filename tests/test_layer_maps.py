@@ -17,6 +17,7 @@ EXPECTED_POINTS = {
     "densenet121": 1 + 58 + 3 + 1, "densenet161": 1 + 78 + 3 + 1, "densenet169": 1 + 82 + 3 + 1,
     "densenet201": 1 + 98 + 3 + 1,
     "vit_s16": 12, "vit_b16": 12,
+    "resnet29_bottleneck": 1 + 9 + 1, "densenet63": 1 + 29 + 3 + 1, "vit_w96_p4": 12,
 }
 
 
