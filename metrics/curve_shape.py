@@ -12,10 +12,12 @@ and T should fall from there. The paper's finding 2 is that most layer-wise curv
 
 A curve whose first layer ranks low (the paper's typical shape: low at the stem, a peak in
 the early or middle blocks, a decline after) is not decreasing even when its second half
-falls. **Finding 2 is supported** when fewer than half of the curves are decreasing; the
-p value is the one-sided binomial probability of seeing at most that many decreasing curves
-if each were decreasing with probability 1/2 (curves that share a pre-training run are not
-independent, so it is a descriptive number, not a test of independent trials).
+falls. **Finding 2 is supported** when fewer than half of the curves are decreasing and the
+one-sided binomial probability of seeing at most that many decreasing curves, if each were
+decreasing with probability 1/2, is below 0.05; **contradicted** when more than half are and
+the probability of at least that many is below 0.05; **undetermined** otherwise (three curves
+can never decide: 0 of 3 has p = 0.125). Curves that share a pre-training run are not
+independent, so p describes the count more than it tests independent trials.
 
 Two variants of that rule show how much the verdict rests on its details (``RULES``):
 
@@ -45,6 +47,7 @@ from typing import Iterable, Mapping, Sequence
 
 SPEARMAN_DECREASING = -0.5  # a trend at most this negative counts as falling with depth
 FIRST_RANK_DECREASING = 2  # ... and the first point must rank this high or higher (1 = largest T)
+SIGNIFICANCE = 0.05  # a verdict other than "undetermined" needs a one-sided binomial p below this
 # The verdict rule and its variants (see the module docstring), in report order.
 RULES = ("rule", "without_first", "spearman")
 RULE_DESCRIPTIONS = {
@@ -141,7 +144,7 @@ class Finding2:
     p_value: float  # P(at most `decreasing` of `curves` | each decreasing with probability 1/2)
     median_spearman: float
     median_first_rank: float
-    supported: bool
+    supported: bool  # fewer than half decreasing, p_value < SIGNIFICANCE
     # The rule the curves were judged by (one of RULES) and, whatever the rule, the shape
     # statistics of the whole curves: where the peak lies and how the first third compares
     # with the last.
@@ -152,9 +155,18 @@ class Finding2:
     median_thirds_ratio: float = math.nan
     min_thirds_ratio: float = math.nan
     max_thirds_ratio: float = math.nan
+    # P(at least `decreasing` of `curves` | each decreasing with probability 1/2)
+    p_value_more: float = math.nan
+    contradicted: bool = False  # more than half decreasing, p_value_more < SIGNIFICANCE
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "verdict": self.verdict}
+
+    @property
+    def verdict(self) -> str:
+        """``supported`` (fewer than half of the curves decreasing, binomial p < 0.05),
+        ``contradicted`` (more than half, p < 0.05) or ``undetermined``."""
+        return "supported" if self.supported else "contradicted" if self.contradicted else "undetermined"
 
     def summary(self) -> str:
         rule = "" if self.rule == "rule" else f"; rule variant {self.rule}: {RULE_DESCRIPTIONS[self.rule]}"
@@ -185,14 +197,16 @@ def finding2(shapes: Iterable[CurveShape], rule: str = "rule") -> Finding2:
         raise ValueError(f"rule {rule!r} needs curves of at least 4 points; one has {shapes[judged.index(None)].points}")
     decreasing = sum(bool(d) for d in judged)
     p = float(binomtest(decreasing, len(shapes), 0.5, alternative="less").pvalue)
+    p_more = float(binomtest(decreasing, len(shapes), 0.5, alternative="greater").pvalue)
     peaks = [s.peak_fraction for s in shapes]
     thirds = [s.thirds_ratio for s in shapes]
     return Finding2(len(shapes), decreasing, decreasing / len(shapes), p,
                     statistics.median(s.spearman for s in shapes), statistics.median(s.first_rank for s in shapes),
-                    decreasing < len(shapes) / 2, rule=rule,
+                    decreasing < len(shapes) / 2 and p < SIGNIFICANCE, rule=rule,
                     median_peak_fraction=statistics.median(peaks), min_peak_fraction=min(peaks),
                     max_peak_fraction=max(peaks), median_thirds_ratio=statistics.median(thirds),
-                    min_thirds_ratio=min(thirds), max_thirds_ratio=max(thirds))
+                    min_thirds_ratio=min(thirds), max_thirds_ratio=max(thirds), p_value_more=p_more,
+                    contradicted=decreasing > len(shapes) / 2 and p_more < SIGNIFICANCE)
 
 
 def finding2_variants(shapes: Iterable[CurveShape]) -> dict[str, Finding2]:
@@ -201,14 +215,25 @@ def finding2_variants(shapes: Iterable[CurveShape]) -> dict[str, Finding2]:
     return {rule: finding2(shapes, rule) for rule in RULES}
 
 
-def read_paper_curves(path: str | Path = PAPER_CURVES) -> dict[str, list[float]]:
-    """The paper's ResNet-50 layer-wise curves, ``{dataset: [T of point 1..18]}`` (the last is
-    the head), from ``data/paper_curves.csv`` (see data/paper_curves.md for their origin)."""
+def read_paper_curves(path: str | Path = PAPER_CURVES, architecture: str = "ResNet-50") -> dict[str, list[float]]:
+    """The paper's layer-wise curves of one network, ``{dataset: [T of point 1..n]}`` in the
+    paper's order of points, from ``data/paper_curves.csv`` (see data/paper_curves.md for
+    their origin): ResNet-50's twelve (18 points, the last the head), DenseNet-121's and
+    ViT-small's three (63 points, the last the head; 12 blocks, no head)."""
     curves: dict[str, dict[int, float]] = {}
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
-            curves.setdefault(row["dataset"], {})[int(row["point"])] = float(row["transferability"])
+            if row["architecture"] == architecture:
+                curves.setdefault(row["dataset"], {})[int(row["point"])] = float(row["transferability"])
+    if not curves:
+        raise KeyError(f"no curves of {architecture!r} in {path}")
     return {name: [points[i] for i in sorted(points)] for name, points in curves.items()}
+
+
+def paper_architectures(path: str | Path = PAPER_CURVES) -> list[str]:
+    """The networks whose curves ``data/paper_curves.csv`` holds, in the file's order."""
+    with open(path, newline="") as handle:
+        return list(dict.fromkeys(row["architecture"] for row in csv.DictReader(handle)))
 
 
 def shape_table(curves: Mapping[str, Sequence[float]]) -> list[tuple[str, CurveShape]]:

@@ -45,12 +45,21 @@ MIN_ROWS = len(TERMS) + 1  # at least one residual degree of freedom
 SIGNIFICANCE = 0.05  # the level of finding 1's comparisons
 
 # The paper's published ResNet-50 equation, ln T = -0.26 G + 0.32 D - 0.61 ln N + 2.86 (which
-# OLS on the paper's own table does not reproduce; see docs/analysis.md).
+# OLS on the paper's own table does not reproduce; see docs/analysis.md). All four of its
+# equations are in data/paper_regressions.csv (published_regressions()).
 PUBLISHED_RESNET50 = {"G": -0.26, "D": 0.32, "log_N": -0.61, "intercept": 2.86}
+PUBLISHED_REGRESSIONS = Path(__file__).resolve().parents[1] / "data" / "paper_regressions.csv"
 FINDING1_CLAIM = ("Domain gap has a smaller effect on transferability than the downstream intraclass "
                   "variance and data amount.")
 
 Row = Mapping[str, object]
+
+
+def published_regressions(path: str | Path = PUBLISHED_REGRESSIONS) -> dict[str, dict[str, float]]:
+    """The paper's equations by network (``ResNet-50``, ``ResNet-34``, ``DenseNet-121``,
+    ``ViT-small``): term (``G``, ``D``, ``log_N``, ``intercept``) -> coefficient."""
+    with open(path, newline="") as handle:
+        return {row["architecture"]: {term: float(row[term]) for term in TERMS} for row in csv.DictReader(handle)}
 
 
 # ---------------------------------------------------------------------------- reading

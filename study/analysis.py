@@ -114,21 +114,21 @@ def regression_rows(runs: list[dict], stats: dict, metric: str = "T") -> tuple[l
     return rows, table
 
 
-def finding2_of(curves: list[list[float]]) -> tuple[dict, list]:
+def finding2_of(curves: list[list[float]], has_head: bool = True) -> tuple[dict, list]:
     """Finding 2 over ``curves`` under the rule and its variants, and each curve's shape."""
     from metrics.curve_shape import curve_shape, finding2_variants
 
-    shapes = [curve_shape(values) for values in curves]
+    shapes = [curve_shape(values, has_head=has_head) for values in curves]
     variants = finding2_variants(shapes)
     rule = variants["rule"]
     return {
         "claim": "Most of the layer-wise transferabilities are not decreasing with depth.",
-        "verdict": "supported" if rule.supported else "not supported",
+        "verdict": rule.verdict,
         "evidence": rule.summary(),
         "shape": rule.shape_summary(),
         "statistics": rule.as_dict(),
-        "variants": {name: {"verdict": "supported" if v.supported else "not supported", "decreasing": v.decreasing,
-                            "curves": v.curves, "p_value": v.p_value} for name, v in variants.items()},
+        "variants": {name: {"verdict": v.verdict, "decreasing": v.decreasing, "curves": v.curves,
+                            "p_value": v.p_value, "p_value_more": v.p_value_more} for name, v in variants.items()},
     }, shapes
 
 
@@ -153,10 +153,32 @@ def paper_baseline() -> dict:
     from metrics.curve_shape import read_paper_curves
     from metrics.regression import finding1, fit_log_transferability, read_table
 
+    from metrics.curve_shape import paper_architectures
+
     fit = fit_log_transferability(read_table(Path(__file__).resolve().parent.parent / "data" / "paper_table.csv"))
     curves = read_paper_curves()
     second, shapes = finding2_of(list(curves.values()))
-    return {"fit": fit, "finding1": finding1(fit), "finding2": second, "shapes": list(zip(curves, shapes))}
+    # finding 2 on the published curves of the paper's other networks (no table for finding 1)
+    others = {network: finding2_of(list(read_paper_curves(architecture=network).values()),
+                                   has_head=network != "ViT-small")[0]
+              for network in paper_architectures() if network != "ResNet-50"}
+    return {"fit": fit, "finding1": finding1(fit), "finding2": second, "shapes": list(zip(curves, shapes)),
+            "networks": others}
+
+
+def paper_networks() -> dict[str, dict]:
+    """Finding 2 on the published curves of each network of data/paper_curves.csv (ResNet-50's
+    twelve, DenseNet-121's and ViT-small's three): per network, the verdict under each rule and
+    each curve's shape. ViT-small's curves have no head point."""
+    from metrics.curve_shape import curve_shape, finding2_variants, paper_architectures, read_paper_curves
+
+    result = {}
+    for network in paper_architectures():
+        curves = read_paper_curves(architecture=network)
+        has_head = network != "ViT-small"
+        shapes = {name: curve_shape(values, has_head=has_head) for name, values in curves.items()}
+        result[network] = {"variants": finding2_variants(shapes.values()), "shapes": shapes}
+    return result
 
 
 # ------------------------------------------------------------- a fresh initialisation's error

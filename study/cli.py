@@ -145,7 +145,8 @@ def study_and_report(args: argparse.Namespace, stop: StopSignals, started: float
                "estimator_agreement": main_regime["agreements"],
                "shapes": [shape.as_dict() for shape in main_t["shapes"]], "timing": timing,
                "regimes": [regime_json(regime) for regime in regimes],
-               "paper_shapes": {name: shape.as_dict() for name, shape in paper["shapes"]}}
+               "paper_shapes": {name: shape.as_dict() for name, shape in paper["shapes"]},
+               "paper_networks_finding2": paper["networks"]}
     names = main_regime["runs"][0]["layer_names"]
     curves = [{"name": r["name"], "shrink": r["diagnostics"]["shrink"],
                **{metric: [run[("layers" if metric == "T" else "layers_scale_free")][:-1] for run in r["runs"]]

@@ -279,7 +279,7 @@ def test_reproduce_tiny_study_end_to_end_and_cached(tmp_path, capsys, monkeypatc
     assert len(summary["runs"]) == len(targets) == 8
     assert [f["verdict"] for f in summary["paper_findings"]] == ["undetermined", "supported"]
     assert summary["findings"][0]["verdict"] in ("supported", "contradicted", "undetermined")
-    assert summary["findings"][1]["verdict"] in ("supported", "not supported")
+    assert summary["findings"][1]["verdict"] in ("supported", "contradicted", "undetermined")
     # both regimes, both metrics, side by side; the second regime runs the data set knobs only
     regimes = summary["regimes"]
     assert [r["name"] for r in regimes] == ["lr/wd 1,000", "lr/wd 100"]

@@ -12,6 +12,7 @@ table disagree); that is pinned separately so that nobody rescales the digitised
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 from pathlib import Path
 
@@ -20,7 +21,10 @@ import pytest
 DATA = Path(__file__).resolve().parents[1] / "data"
 CURVES = DATA / "paper_curves.csv"
 TABLE = DATA / "paper_table.csv"
-HEADER = ["dataset", "point", "transferability", "source", "precision"]
+HEADER = ["architecture", "dataset", "point", "transferability", "source", "precision"]
+# sha256 of the ResNet-50 rows as they were before the other networks' curves were added
+# (the file then had no architecture column): they must never change.
+RESNET50_SHA256 = "8bf7ddd171fbd1a284b09f556a22b54de7c06d21b7bc0b781f2eeee9c7347f60"
 N_POINTS = 18
 PRINTED_CIFAR10 = [3.44, 7.76, 8.59, 7.3, 5.42, 9.2, 6.1, 5.52, 4.23, 7.65, 8.3, 8.32, 8.86,
                    8.88, 5.96, 13.0, 13.81, 1.0]
@@ -35,11 +39,22 @@ def table() -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def raw_rows() -> list[dict[str, str]]:
+def all_rows() -> list[dict[str, str]]:
     with CURVES.open(newline="") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == HEADER
         return list(reader)
+
+
+@pytest.fixture(scope="module")
+def raw_rows(all_rows) -> list[dict[str, str]]:
+    return [row for row in all_rows if row["architecture"] == "ResNet-50"]
+
+
+def test_the_resnet50_rows_are_unchanged(all_rows):
+    lines = [",".join(HEADER[1:])] + [",".join(row[key] for key in HEADER[1:]) for row in all_rows
+                                      if row["architecture"] == "ResNet-50"]
+    assert hashlib.sha256(("\n".join(lines) + "\n").encode()).hexdigest() == RESNET50_SHA256
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +128,48 @@ def test_aircraft_panel_disagrees_with_published_T(curves, table):
     points = curves["Aircraft"]
     assert abs(_mean(points) - AIRCRAFT_FIGURE_MEAN) <= points[0]["precision"]
     assert _mean(points) / table["Aircraft"] > 1.2
+
+
+# ------------------------------------------------- DenseNet-121 and ViT-small (digitised)
+
+OTHER_NETWORKS = {"DenseNet-121": 63, "ViT-small": 12}
+# The means of the non-head points as digitised (data/paper_curves.md's table).
+OTHER_MEANS = {("DenseNet-121", "CIFAR-100"): 5.354, ("DenseNet-121", "Land-Use"): 46.32,
+               ("DenseNet-121", "POCUS"): 54.90, ("ViT-small", "CIFAR-100"): 4.266,
+               ("ViT-small", "Land-Use"): 26.79, ("ViT-small", "POCUS"): 28.22}
+
+
+def test_densenet_and_vit_panels(all_rows, table):
+    from metrics.curve_shape import paper_architectures, read_paper_curves
+
+    assert paper_architectures(CURVES) == ["ResNet-50", "DenseNet-121", "ViT-small"]
+    for network, points in OTHER_NETWORKS.items():
+        rows = [row for row in all_rows if row["architecture"] == network]
+        names = list(dict.fromkeys(row["dataset"] for row in rows))
+        assert names == ["CIFAR-100", "Land-Use", "POCUS"] and set(names) <= set(table)
+        curves = read_paper_curves(CURVES, network)
+        for name in names:
+            panel = [row for row in rows if row["dataset"] == name]
+            assert [int(row["point"]) for row in panel] == list(range(1, points + 1))
+            body = panel[:-1] if network == "DenseNet-121" else panel
+            assert {row["source"] for row in body} == {"digitised"}
+            if network == "DenseNet-121":  # the head, T = 1 by definition
+                assert (panel[-1]["transferability"], panel[-1]["source"]) == ("1.0", "definition")
+            precisions = {float(row["precision"]) for row in body}
+            assert len(precisions) == 1, f"{network} {name}: one precision per panel"
+            decimals = {len(row["transferability"].partition(".")[2]) for row in body}
+            assert len(decimals) == 1 and 10.0 ** -decimals.pop() <= precisions.pop() / 5
+            values = curves[name][:-1] if network == "DenseNet-121" else curves[name]
+            assert all(value > 0 for value in values)
+            assert sum(values) / len(values) == pytest.approx(OTHER_MEANS[network, name], abs=0.006)
+
+
+def test_the_published_regressions_are_the_seeds_four_equations():
+    from metrics.regression import PUBLISHED_RESNET50, published_regressions
+
+    equations = published_regressions()
+    assert list(equations) == ["ResNet-50", "ResNet-34", "DenseNet-121", "ViT-small"]
+    assert equations["ResNet-50"] == PUBLISHED_RESNET50
+    assert equations["ResNet-34"] == {"G": -0.15, "D": 0.25, "log_N": -0.64, "intercept": 2.31}
+    assert equations["DenseNet-121"] == {"G": -0.14, "D": 0.28, "log_N": -0.71, "intercept": 2.76}
+    assert equations["ViT-small"] == {"G": -0.01, "D": 0.08, "log_N": -0.85, "intercept": 2.76}
