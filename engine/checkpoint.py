@@ -38,7 +38,7 @@ RESUME_KEYS = ("arch", "dataset", "augment", "color_jitter")
 # size, seed or number of processes would resume a different run (a cosine schedule climbing
 # back up, the wrong samples skipped).
 SAME_WHEN_RESUMING = ("max_epoch", "batch_size", "lr", "momentum", "weight_decay", "norm_weight_decay", "lr_step",
-                      "seed", "amp", "decode", "world_size")
+                      "seed", "amp", "decode", "world_size", "optimizer", "warmup_epochs")
 
 def check_outputs(outputs: Mapping[Path, str], overwrite: bool, resume: bool) -> None:
     """Refuse to replace a file unless --overwrite or --resume; fail early on unwritable

@@ -7,6 +7,7 @@ from dataclasses import fields
 from data.cache import CACHE_MODES, DEFAULT_CACHE_DIR
 from data.device_decode import DECODE_MODES
 from engine.loop import COMPILE_MODES
+from engine.optim import OPTIMIZERS
 from engine.runs import TrainJob
 from utils import add_device_flag, float_in, non_negative_int, positive_int, seed_int
 
@@ -17,7 +18,13 @@ def add_training_arguments(parser, *, epochs: int, batch_size: int, lr: float) -
     parser.add_argument("--batch_size", type=positive_int, default=batch_size,
                         help="images per step and process (default: %(default)s)")
     parser.add_argument("--lr", type=float_in(0, above=True), default=lr, help="initial learning rate (default: %(default)s)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                        help="sgd (with --momentum, the seed's) or adamw (Adam with decoupled weight decay; betas "
+                        "0.9, 0.999), e.g. for ViTs (default: %(default)s)")
     parser.add_argument("--momentum", type=float_in(0), default=0.9, help="SGD momentum (default: %(default)s)")
+    parser.add_argument("--warmup_epochs", type=non_negative_int, default=0, metavar="N",
+                        help="raise the lr linearly over the first N epochs, from lr / (N + 1), before the "
+                        "schedule starts (default: 0, none, as the seed)")
     parser.add_argument("--weight_decay", type=float_in(0), default=1e-4, help="(default: %(default)s)")
     parser.add_argument("--norm_weight_decay", type=float_in(0), metavar="WD",
                         help="weight decay of the normalisation layers' scales and shifts (BatchNorm, "

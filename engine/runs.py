@@ -45,7 +45,9 @@ class TrainJob:
     lr: float
     data_dir: str | None = None
     img_size: int | None = None  # None: the architecture's fixed input size, else the data set's (input_size)
+    optimizer: str = "sgd"  # engine.optim.OPTIMIZERS
     momentum: float = 0.9
+    warmup_epochs: int = 0
     weight_decay: float = 1e-4
     norm_weight_decay: float | None = None
     lr_step: int = 40  # pre-training's step schedule
@@ -79,6 +81,7 @@ def train_settings(job: TrainJob, device, *, schedule: str, label: str, outputs:
     return TrainSettings(
         epochs=job.max_epoch, batch_size=job.batch_size, lr=job.lr, weight_decay=job.weight_decay,
         norm_weight_decay=job.norm_weight_decay, momentum=job.momentum, schedule=schedule, step_size=job.lr_step,
+        optimizer=job.optimizer, warmup_epochs=job.warmup_epochs,
         seed=job.seed, workers=job.workers if job.workers is not None else default_workers(device),
         amp=job.amp, channels_last=job.channels_last, compile=job.compile,
         compile_mode=job.compile_mode, sync_bn=job.sync_bn, cache=job.cache,

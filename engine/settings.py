@@ -14,7 +14,9 @@ class TrainSettings:
     batch_size: int
     lr: float
     weight_decay: float
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD's
+    optimizer: str = "sgd"  # "sgd" or "adamw" (engine.optim)
+    warmup_epochs: int = 0  # linear warm-up before the schedule
     norm_weight_decay: float | None = None  # for normalisation layers' parameters; None: weight_decay
     schedule: str = "cosine"  # "cosine" or "step"
     step_size: int = 40

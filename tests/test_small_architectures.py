@@ -115,14 +115,14 @@ class Images32(torch.utils.data.Dataset):
         return torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator), index % 2
 
 
-def fit(arch: str, path, train, val, resume=None):
+def fit(arch: str, path, train, val, resume=None, **recipe):
     import engine.loop as loop
     from data.transforms import BatchAugment
 
     torch.manual_seed(0)
     model = build_model(arch, 2)
-    settings = TrainSettings(epochs=2, batch_size=4, lr=0.05, weight_decay=1e-4, channels_last=False,
-                             progress=False, cache="off", workers=0)
+    settings = TrainSettings(**{"epochs": 2, "batch_size": 4, "lr": 0.05, "weight_decay": 1e-4, "channels_last": False,
+                                "progress": False, "cache": "off", "workers": 0, **recipe})
     result = loop.fit(model, train, val, settings, CPU, path, resume=resume, announce=lambda text: None,
                       augment=BatchAugment(32))
     return result, model
@@ -145,3 +145,42 @@ def test_training_steps_move_every_point_and_a_stopped_run_resumes_bit_for_bit(a
     assert resumed_result.stopped_by == 0 and len(resumed_result.history) == 2
     for key, tensor in trained.items():
         assert torch.equal(tensor, resumed.state_dict()[key]), key
+
+
+def test_adamw_with_warm_up_trains_the_vit_and_resumes_bit_for_bit(tmp_path):
+    """The recipe beyond the seed's (``--optimizer adamw --warmup_epochs N``): a stop in the
+    warm-up's epoch resumes to the weights of a run never stopped (optimizer moments and the
+    chained schedule are in the checkpoint)."""
+    recipe = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 1, "epochs": 3,
+              "schedule": "step", "step_size": 1}
+    result, reference = fit("vit_w96_p4", tmp_path / "a.pth", Images32(8), Images32(4, offset=100), **recipe)
+    assert [round(entry["lr"], 8) for entry in result.history] == [5e-4, 1e-3, 1e-4]
+    stopped, _ = fit("vit_w96_p4", tmp_path / "b.pth", Images32(8, signal_at=3), Images32(4, offset=100), **recipe)
+    assert stopped.stopped_by == signal.SIGTERM
+    checkpoint = load_checkpoint(tmp_path / "b.last.pth")
+    assert all("exp_avg_sq" in state for state in checkpoint["optimizer"]["state"].values())  # Adam's moments
+    _, resumed = fit("vit_w96_p4", tmp_path / "b.pth", Images32(8), Images32(4, offset=100), checkpoint, **recipe)
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("step", [0.25, 0.5, 0.75, 1.0, 1.0, 0.1, 0.1, 0.01]),
+    ("cosine", [0.25, 0.5, 0.75, 1.0, 0.75, 0.25, 0.0, 0.25]),
+])
+def test_the_warm_up_rises_linearly_then_the_schedule_starts_from_its_end(schedule, expected):
+    import warnings
+
+    from engine.optim import build_optimization
+
+    settings = TrainSettings(epochs=6, batch_size=1, lr=1.0, weight_decay=0.0, schedule=schedule, step_size=2,
+                             warmup_epochs=3, optimizer="adamw")
+    optimization = build_optimization(nn.Linear(2, 2), settings, torch.device("cpu"))
+    assert isinstance(optimization.optimizer, torch.optim.AdamW)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the scheduler stepped before the optimizer
+        for _ in expected:
+            lrs.append(optimization.lr)
+            optimization.scheduler.step()
+    assert lrs == pytest.approx(expected, abs=1e-12)
