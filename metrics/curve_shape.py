@@ -170,8 +170,10 @@ class Finding2:
 
     def summary(self) -> str:
         rule = "" if self.rule == "rule" else f"; rule variant {self.rule}: {RULE_DESCRIPTIONS[self.rule]}"
-        return (f"{self.decreasing} of {self.curves} curves decreasing ({self.share:.0%}; binomial p = "
-                f"{self.p_value:.2g}), median Spearman {self.median_spearman:+.2f}, median rank of the "
+        more = self.decreasing > self.curves / 2  # the p of the side the count lies on
+        p = (f"binomial p of at least as many = {self.p_value_more:.2g}" if more
+             else f"binomial p = {self.p_value:.2g}")
+        return (f"{self.decreasing} of {self.curves} curves decreasing ({self.share:.0%}; {p}), median Spearman {self.median_spearman:+.2f}, median rank of the "
                 f"first layer {self.median_first_rank:g}{rule}")
 
     def shape_summary(self) -> str:

@@ -11,7 +11,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from study.presets import DEFAULT_PRESET, KNOBS, PRESETS, RECIPE, Study, knob_levels
+from models import ARCHITECTURES
+from study.presets import DEFAULT_PRESET, KNOBS, PRESETS, RECIPE, Study, for_arch, knob_levels
 from study.runs import StopSignals, StudyStopped, run_study
 from utils import OneLineArgumentParser, add_device_flag, positive_int
 
@@ -19,11 +20,20 @@ from utils import OneLineArgumentParser, add_device_flag, positive_int
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineArgumentParser(prog="reproduce.py",
                                    description="The paper's study end to end on the synthetic benchmark.")
-    parser.add_argument("--out", default="runs/study", help="where everything goes (default: %(default)s)")
+    parser.add_argument("--out", help="where everything goes (default: runs/study, or runs/study-ARCH with --arch)")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), metavar="NAME",
+                        help="run the preset's knobs and seeds for another registered architecture, with its own "
+                        "pre-training recipe where it needs one (default: the preset's, resnet20; "
+                        "docs/architectures.md)")
     parser.add_argument("--quick", action="store_true", help="the quick preset: a check of the pipeline in minutes")
     parser.add_argument("--preset", choices=list(PRESETS),
-                        help=f"{DEFAULT_PRESET} (default: the paper's regime), quick, or tiny (seconds; for tests)")
+                        help=f"{DEFAULT_PRESET} (default: the paper's regime), quick, families (the paper's four networks "
+                        "side by side, with --arch), or tiny (seconds; for tests)")
     parser.add_argument("--seeds", type=positive_int, help="number of seeds per target (default: the preset's)")
+    parser.add_argument("--compare", nargs="+", metavar="DIR",
+                        help="run nothing: put the studies in these folders (reproduce.py --arch ... --out DIR, "
+                        "one per architecture) side by side with the paper's networks, into --out (default "
+                        "runs/families): report.md, families.json, families_curves.png")
     parser.add_argument("--main_regime_only", action="store_true",
                         help="run only the preset's main pre-training regime, not the further ones it compares")
     add_device_flag(parser)
@@ -31,6 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick and args.preset not in (None, "quick"):
         parser.error("--quick and --preset disagree; give one")
     args.preset = args.preset or ("quick" if args.quick else DEFAULT_PRESET)
+    if args.compare and args.arch:
+        parser.error("--compare reads finished studies; --arch runs one: give one of them")
+    args.out = args.out or ("runs/families" if args.compare else "runs/study" if args.arch is None
+                            else f"runs/study-{args.arch}")
     return args
 
 
@@ -97,6 +111,7 @@ def analyse_regime(name: str, study: Study, out: Path, device: str, stop: StopSi
         "draws": analysis.draw_bias(study, pretrained, runs, finetuned, device),
         "agreements": analysis.estimator_agreement(runs, stats),
         "timing": {"pretrain": f"{done['seconds'] / 60:.1f} min" if done.get("seconds") else "not recorded",
+                   "pretrain_seconds": done.get("seconds") or 0.0,
                    "finetune": sum(r.get("seconds", 0.0) for r in runs)},
     }
 
@@ -112,8 +127,27 @@ def regime_json(regime: dict) -> dict:
             "stats": regime["stats"], "runs": regime["runs"]}
 
 
+def compare_studies(args: argparse.Namespace) -> int:
+    """--compare: the finished studies side by side with the paper's networks."""
+    from study.families import comparison_json, comparison_markdown, curves_figure_bytes, load_studies
+    from utils import Outputs
+
+    figure = "families_curves.png"
+    outputs = Outputs({name: Path(args.out) / name for name in ("report.md", "families.json", figure)},
+                      figures=(), flag="--out",
+                      inputs=[(Path(folder) / "study.json", f"--compare {folder}") for folder in args.compare])
+    studies = load_studies(args.compare)
+    outputs.add("report.md", comparison_markdown(studies, figure))
+    outputs.add("families.json", comparison_json(studies))
+    outputs.add(figure, curves_figure_bytes(studies))
+    outputs.commit(announce=lambda path: print(f"wrote {path}"))
+    return 0
+
+
 def study_and_report(args: argparse.Namespace, stop: StopSignals, started: float) -> int:
     """Run (or read back) the study in every regime, then write its files."""
+    if args.compare:
+        return compare_studies(args)
     from metrics.regression import format_fit, partial_regression_figure
     from plotting import knob_panels_bytes
     from study.analysis import METRICS, paper_baseline
@@ -122,6 +156,8 @@ def study_and_report(args: argparse.Namespace, stop: StopSignals, started: float
     from utils import Outputs, resolve_device
 
     study = PRESETS[args.preset]
+    if args.arch is not None:
+        study = for_arch(study, args.arch)
     if args.seeds is not None:
         study = replace(study, seeds=tuple(range(1, args.seeds + 1)))
     if args.main_regime_only:
@@ -134,7 +170,10 @@ def study_and_report(args: argparse.Namespace, stop: StopSignals, started: float
     main_regime = regimes[0]
     paper = paper_baseline()
     timing = {"machine": machine_line(time.perf_counter() - started, device),
-              "pretrain": main_regime["timing"]["pretrain"], "finetune": main_regime["timing"]["finetune"]}
+              "pretrain": main_regime["timing"]["pretrain"], "finetune": main_regime["timing"]["finetune"],
+              "call_minutes": (time.perf_counter() - started) / 60,
+              # the training of every regime, each run timed by the call that finished it
+              "compute_minutes": sum(r["timing"]["pretrain_seconds"] + r["timing"]["finetune"] for r in regimes) / 60}
     report = report_markdown(study, args.preset, regimes, paper, figures, timing)
     main_t = main_regime["findings"]["T"]
     summary = {"preset": args.preset, "study": asdict(study), "recipe": RECIPE,

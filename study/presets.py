@@ -57,9 +57,17 @@ class Study:
     batch_size: int = 128
     max_samples: int = 1000  # images per dataset for G and D
     arch: str = ARCH
+    pretrain_optimizer: str = "sgd"  # engine.optim.OPTIMIZERS; fine-tuning always uses the seed's SGD
+    pretrain_warmup_epochs: int = 0
     extra: dict = field(default_factory=dict)
     main_regime: str = "main"  # the name of this study's own pre-training recipe in the report
     regimes: tuple = ()  # further pre-training recipes (Regime), each compared with the main one
+
+    def optimizer_text(self) -> str:
+        """How pre-training updates the weights, in words, for the report."""
+        warmup = f", {self.pretrain_warmup_epochs} epochs of linear warm-up" if self.pretrain_warmup_epochs else ""
+        optimizer = "SGD, momentum 0.9" if self.pretrain_optimizer == "sgd" else "AdamW, betas 0.9 and 0.999"
+        return optimizer + warmup
 
     def regime_study(self, regime: Regime) -> "Study":
         """The study of one further regime: its pre-training recipe, the knobs it runs, no
@@ -102,6 +110,17 @@ PRESETS = {
         levels={"gap": (0.0, 1.0), "var": (0.8, 1.4), "n": (30, 120), "lr": (0.003, 0.03)},
         seeds=(1, 2), finetune_epochs=10, max_samples=500, main_regime="lr/wd 14",
         regimes=(SEED_RATIO_REGIME,)),
+    # The paper's four networks side by side (reproduce.py --preset families --arch NAME, one
+    # study per architecture, each within two hours on a 2-core CPU): the README walkthrough's
+    # pre-training (a source task of 10,000 images, 30 epochs, weight decay 1e-2 and 1e-4 for
+    # BatchNorm), which leaves ResNet-20's initialisation (median cos_init 0.03); the quick
+    # preset's targets and knobs with three seeds; the main regime only.
+    "families": Study(
+        source="source,classes=100,n=100,n_val=10,var=0.5", pretrain_epochs=30, pretrain_lr_step=10,
+        pretrain_weight_decay=1e-2, pretrain_norm_weight_decay=1e-4,
+        target={"classes": 10, "n": 60, "n_val": 30, "gap": 0.5, "var": 1.0, "size": 32},
+        levels={"gap": (0.0, 1.0), "var": (0.8, 1.4), "n": (30, 120), "lr": (0.003, 0.03)},
+        seeds=(1, 2, 3), finetune_epochs=15, max_samples=500, main_regime="lr/wd 10"),
     # A few seconds: for the test suite, not for conclusions.
     "tiny": Study(
         source="source,classes=6,n=12,n_val=4,size=16", pretrain_epochs=1, pretrain_lr_step=1,
@@ -110,6 +129,20 @@ PRESETS = {
         seeds=(1,), finetune_epochs=1, batch_size=16, max_samples=64,
         main_regime="lr/wd 1,000", regimes=(Regime("lr/wd 100", 0.1, 1e-3),)),
 }
+# The recipe an architecture's pre-training needs beyond the preset's (docs/architectures.md):
+# applied by reproduce.py --arch. Each entry is the reason it differs from the seed's SGD.
+ARCH_RECIPES: dict[str, dict] = {}
+
+
+def for_arch(study: Study, arch: str) -> Study:
+    """``study`` for another registered architecture: the same knobs, seeds and targets, with
+    that architecture's pre-training recipe (:data:`ARCH_RECIPES`) where it has one. Further
+    regimes are dropped for an architecture with a recipe of its own (they vary SGD's lr and
+    weight decay)."""
+    recipe = ARCH_RECIPES.get(arch, {})
+    return replace(study, arch=arch, **recipe, **({"regimes": ()} if recipe else {}))
+
+
 DEFAULT_PRESET = "paper"
 KNOBS = {"gap": "domain gap", "var": "intraclass variance", "n": "images per class", "lr": "fine-tuning lr"}
 

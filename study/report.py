@@ -53,7 +53,7 @@ def report_header(study: Study, preset: str, regimes: list[dict], timing: dict) 
     lines = [
         "# Transferability study on the synthetic benchmark", "",
         f"Preset `{preset}`: {study.arch} pre-trained on `synthetic:{study.source}` for {study.pretrain_epochs} "
-        f"epochs (SGD, momentum 0.9, the lr divided by 10 every {study.pretrain_lr_step} epochs, batch "
+        f"epochs ({study.optimizer_text()}, the lr divided by 10 every {study.pretrain_lr_step} epochs, batch "
         f"{study.batch_size}) in {len(regimes)} regime(s) of lr and weight decay (next section), fine-tuned with "
         f"the seed's recipe (SGD, cosine schedule, weight decay {study.finetune_weight_decay:g}, batch "
         f"{study.batch_size}) for {study.finetune_epochs} epochs on synthetic targets that vary one knob at a "

@@ -115,6 +115,8 @@ def pretrain(study: Study, out: Path, device: str) -> Path:
     key = [RECIPE, study.source, study.pretrain_epochs, study.pretrain_lr_step, study.pretrain_lr,
            study.pretrain_weight_decay, study.pretrain_norm_weight_decay, study.batch_size, study.arch,
            device_kind(device)]
+    if (study.pretrain_optimizer, study.pretrain_warmup_epochs) != ("sgd", 0):  # the older keys stay as they were
+        key += [study.pretrain_optimizer, study.pretrain_warmup_epochs]
     run = out / f"pretrain-{digest(key)}"
     done = run / "done.json"
     if done.exists():
@@ -122,7 +124,8 @@ def pretrain(study: Study, out: Path, device: str) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     job = training_job(study, f"synthetic:{study.source}", run / "a.last.pth", device, seed=0,
                        max_epoch=study.pretrain_epochs, lr_step=study.pretrain_lr_step, lr=study.pretrain_lr,
-                       weight_decay=study.pretrain_weight_decay, norm_weight_decay=study.pretrain_norm_weight_decay)
+                       weight_decay=study.pretrain_weight_decay, norm_weight_decay=study.pretrain_norm_weight_decay,
+                       optimizer=study.pretrain_optimizer, warmup_epochs=study.pretrain_warmup_epochs)
     tick = time.perf_counter()
     with training_log(run / "train.out") as announce:
         status = engine.pretrain(job, run / "r.pth", run / "a.pth", announce=announce)

@@ -18,6 +18,7 @@ from models import build_model
 from study import cli as study_cli
 from study import presets
 from study import runs as study_runs
+from cli_helpers import refused
 from utils import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -659,3 +660,58 @@ def test_reproduce_stopped_by_a_signal_inside_or_outside_training_says_so_and_re
     assert run_cli(reproduce.main, argv) == 0
     assert (tmp_path / "study" / "report.md").exists()
     assert len(list((tmp_path / "study" / "finetune").glob("*/result.json"))) == 8 + 7
+
+
+def test_reproduce_runs_the_same_knobs_and_seeds_for_another_architecture(tmp_path, capsys, monkeypatch):
+    """--arch: the tiny preset's targets and seeds for the bottleneck ResNet (its own layer map,
+    11 points); an architecture with its own pre-training recipe gets it (and no further
+    regimes), and the runs are cached under keys that include the architecture."""
+    monkeypatch.setitem(presets.ARCH_RECIPES, "densenet63", {"pretrain_optimizer": "adamw", "pretrain_lr": 1e-3,
+                                                              "pretrain_warmup_epochs": 1})
+    out = tmp_path / "study"
+    assert run_cli(reproduce.main, ["--preset", "tiny", "--arch", "resnet29_bottleneck", "--out", str(out),
+                                    "--device", "cpu", "--main_regime_only"]) == 0
+    summary = json.loads((out / "study.json").read_text())
+    assert summary["study"]["arch"] == "resnet29_bottleneck"
+    assert len(summary["runs"]) == len(presets.target_configs(presets.PRESETS["tiny"]))
+    assert summary["runs"][0]["layer_names"][1] == "layer1.0" and len(summary["runs"][0]["layers"]) == 11
+    assert "resnet29_bottleneck pre-trained on" in (out / "report.md").read_text()
+    study = presets.for_arch(presets.PRESETS["tiny"], "densenet63")
+    assert (study.arch, study.pretrain_optimizer, study.pretrain_lr, study.pretrain_warmup_epochs) == (
+        "densenet63", "adamw", 1e-3, 1)
+    assert study.regimes == () and study.seeds == presets.PRESETS["tiny"].seeds
+    assert "AdamW" in study.optimizer_text() and "1 epochs of linear warm-up" in study.optimizer_text()
+    assert presets.for_arch(presets.PRESETS["tiny"], "resnet20") == presets.PRESETS["tiny"]
+
+
+def test_reproduce_compare_puts_the_architectures_beside_the_papers_networks(tmp_path, capsys):
+    """--compare reads finished studies only: the regime and verdicts per architecture, each
+    regression beside the equation the paper prints for the network of its family, finding 2
+    beside the paper's curves of the family, shrink and the estimators; refused on one line
+    for a folder without a study or an architecture given twice."""
+    folders = []
+    for arch in ("resnet20", "resnet29_bottleneck"):
+        folders.append(tmp_path / arch)
+        assert run_cli(reproduce.main, ["--preset", "tiny", "--arch", arch, "--out", str(folders[-1]),
+                                        "--device", "cpu", "--main_regime_only"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "families"
+    assert run_cli(reproduce.main, ["--compare", *map(str, folders), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "resnet20 | ResNet-34 |" in report and "resnet29_bottleneck | ResNet-50 |" in report
+    assert "ResNet-34: -0.15, +0.25, -0.64" in report and "ResNet-50: -0.26, +0.32, -0.61" in report
+    assert "the paper's ResNet-50 table, refitted | T | +0.087 (p = 0.51)" in report
+    assert "the paper's ResNet-50 (12) | **supported**: 0 of 12 (p = 0.00024)" in report
+    assert "## What else explains the curves: shrinking" in report and "kNN" in report
+    assert (out / "families_curves.png").read_bytes().startswith(PNG)
+    rows = json.loads((out / "families.json").read_text())["rows"]
+    for row, folder in zip(rows, folders):
+        summary = json.loads((folder / "study.json").read_text())
+        assert row["arch"] == summary["study"]["arch"]
+        assert row["median_cos"] == summary["regimes"][0]["diagnostics"]["median_cos"]
+        assert row["finding2"]["verdict"] in ("supported", "contradicted", "undetermined")
+        assert row["wall"] == summary["timing"]["call_minutes"] > 0
+    refused(capsys, reproduce.main, ["--compare", str(folders[0]), str(tmp_path), "--out", str(tmp_path / "x")],
+            "no study.json")
+    refused(capsys, reproduce.main, ["--compare", str(folders[0]), str(folders[0]), "--out", str(tmp_path / "y")],
+            "given twice")
