@@ -715,3 +715,18 @@ def test_reproduce_compare_puts_the_architectures_beside_the_papers_networks(tmp
             "no study.json")
     refused(capsys, reproduce.main, ["--compare", str(folders[0]), str(folders[0]), "--out", str(tmp_path / "y")],
             "given twice")
+
+
+def test_the_vit_recipe_applies_deits_lr_weight_decay_budget():
+    """The pre-training budget counts the warm-up (the lr rising over its epochs, the step
+    schedule counted from its end); the ViT's recipe applies about DeiT's ImageNet budget
+    (lr 1e-3, wd 0.05, 300 epochs of 1,251 steps under a cosine schedule: about 9.4)."""
+    study = presets.Study(source="source,classes=2,n=64", pretrain_epochs=4, pretrain_lr_step=2, target={},
+                          levels={}, seeds=(1,), finetune_epochs=1, pretrain_lr=1.0, pretrain_weight_decay=0.5,
+                          pretrain_warmup_epochs=1, batch_size=32)
+    # 4 steps per epoch; lr 0.5 (warm-up), then 1, 1, 0.1
+    assert presets.pretraining_budget(study) == pytest.approx(4 * 0.5 * (0.5 + 1 + 1 + 0.1))
+    deit = 0.05 * 300 * 1251 * 1e-3 / 2
+    vit = presets.for_arch(presets.PRESETS["families"], "vit_w96_p4")
+    assert vit.pretrain_optimizer == "adamw" and vit.regimes == ()
+    assert presets.pretraining_budget(vit) == pytest.approx(deit, rel=0.06)
