@@ -112,6 +112,7 @@ def analyse_regime(name: str, study: Study, out: Path, device: str, stop: StopSi
         "agreements": analysis.estimator_agreement(runs, stats),
         "timing": {"pretrain": f"{done['seconds'] / 60:.1f} min" if done.get("seconds") else "not recorded",
                    "pretrain_seconds": done.get("seconds") or 0.0,
+                   "pretrain_resumed": done.get("resumed", True),  # not recorded by older studies: maybe
                    "finetune": sum(r.get("seconds", 0.0) for r in runs)},
     }
 

@@ -61,9 +61,11 @@ def report_header(study: Study, preset: str, regimes: list[dict], timing: dict) 
         "seed is another target task and another fine-tuning run). G and D use theta_A's penultimate features "
         f"of up to {study.max_samples} images per data set.", "",
         f"Run: {timing['machine']}. Compute in the cached runs: "
-        + "; ".join(f"regime {r['name']}: pre-training {r['timing']['pretrain']} (in the call that finished it: a "
-                    f"stopped and resumed pre-training took longer), fine-tuning "
-                    f"{r['timing']['finetune'] / 60:.1f} min over {len(r['runs'])} runs" for r in regimes) + ".", "",
+        + "; ".join(f"regime {r['name']}: pre-training {r['timing']['pretrain']}"
+                    + (" (in the call that finished it: a stopped and resumed pre-training took longer)"
+                       if r["timing"].get("pretrain_resumed", True) else "")
+                    + f", fine-tuning {r['timing']['finetune'] / 60:.1f} min over {len(r['runs'])} runs"
+                    for r in regimes) + ".", "",
     ]
     return lines
 

@@ -132,7 +132,8 @@ def pretrain(study: Study, out: Path, device: str) -> Path:
     if status != 0:
         raise stopped_or_failed(status, "pre-training stopped")
     seconds = time.perf_counter() - tick  # of the call that finished it (a resumed run: its last part)
-    write_atomically(done, lambda f: f.write(json.dumps({"study": asdict(study), "seconds": seconds}, default=list)), "w")
+    record = {"study": asdict(study), "seconds": seconds, "resumed": job.resume is not None}
+    write_atomically(done, lambda f: f.write(json.dumps(record, default=list)), "w")
     return run
 
 
