@@ -102,16 +102,8 @@ def row_of(study: dict) -> dict:
 
 
 def comparison_markdown(studies: list[dict], figure: str) -> str:
-    """The side-by-side report."""
-    from metrics.curve_shape import RULE_DESCRIPTIONS
-    from study.analysis import paper_networks
-
-    from metrics.regression import published_regressions
-
+    """The side-by-side report: regime and verdicts, then one section per comparison."""
     rows = [row_of(s) for s in studies]
-    equations = published_regressions()
-    table = paper_table_standardised()
-    published = paper_networks()
     preset = {s["preset"] for s in studies}
     lines = ["# The paper's four networks side by side", "",
              f"Studies of preset `{', '.join(sorted(preset))}` for {', '.join(r['arch'] for r in rows)} "
@@ -134,7 +126,19 @@ def comparison_markdown(studies: list[dict], figure: str) -> str:
                      f"{r['target_acc'][0]:.1f}-{r['target_acc'][1]:.1f} | {_finding1_text(r['finding1'])} | "
                      f"{_finding2_text(r['finding2'])} | {_finding1_text(r['finding1_sf'])} | "
                      f"{_finding2_text(r['finding2_sf'])} | {wall}")
-    lines += ["", "## The regression beside the paper's equation of the family", "",
+    lines += _regression_section(studies, rows) + _curves_section(studies, rows, figure)
+    lines += _shrink_section(studies, rows) + _estimators_section(studies, rows)
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _regression_section(studies: list[dict], rows: list[dict]) -> list[str]:
+    """Each regression beside the equation the paper prints for its family."""
+    from metrics.regression import published_regressions
+
+    equations = published_regressions()
+    table = paper_table_standardised()
+    lines = ["", "## The regression beside the paper's equation of the family", "",
               "Standardised coefficients of ln T (the change of ln T per standard deviation of each predictor over "
               "the study's runs at the seed's fine-tuning lr) with their p values, beside the equation the paper "
               "prints for the network of the family (data/paper_regressions.csv; `!` marks a sign that differs from "
@@ -158,7 +162,16 @@ def comparison_markdown(studies: list[dict], figure: str) -> str:
     lines.append("the paper's ResNet-50 table, refitted | T | " + " | ".join(
         f"{table['coefficients'][t]:+.3f} (p = {_p(table['p_values'][t])})" for t in PREDICTORS)
         + " | - (12) | ResNet-50: " + ", ".join(f"{equations['ResNet-50'][t]:+.2f}" for t in PREDICTORS))
-    lines += ["", "## Layer-wise curves beside the paper's", "",
+    return lines
+
+
+def _curves_section(studies: list[dict], rows: list[dict], figure: str) -> list[str]:
+    """Finding 2 on each study's curves beside the paper's curves of the family."""
+    from metrics.curve_shape import RULE_DESCRIPTIONS
+    from study.analysis import paper_networks
+
+    published = paper_networks()
+    lines = ["", "## Layer-wise curves beside the paper's", "",
               f"![layer-wise curves beside the paper's]({figure})", "",
               "Finding 2 on each study's curves and on the paper's curves of the family, under the rule and its two "
               f"variants ({'; '.join(f'{k}: {v}' for k, v in RULE_DESCRIPTIONS.items())}), with where the curves "
@@ -183,7 +196,12 @@ def comparison_markdown(studies: list[dict], figure: str) -> str:
         lines.append(f"the paper's {network} ({len(shapes)}) | " + " | ".join(cells)
                      + f" | {statistics.median(s.peak_fraction for s in shapes):.2f} | "
                      f"{statistics.median(s.thirds_ratio for s in shapes):.2f}")
-    lines += ["", "## What else explains the curves: shrinking", "",
+    return lines
+
+
+def _shrink_section(studies: list[dict], rows: list[dict]) -> list[str]:
+    """r(ln T, ln shrink) per architecture, and the range of shrink."""
+    lines = ["", "## What else explains the curves: shrinking", "",
               "Pearson's r of ln T with ln shrink (mean|theta_r| / mean|theta_A|) across the layers of each curve "
               "(median and range over the curves), and the range of shrink over the layers:", "",
               "architecture | r(ln T, ln shrink) | r(ln scale-free T, ln shrink) | shrink over the layers",
@@ -197,7 +215,12 @@ def comparison_markdown(studies: list[dict], figure: str) -> str:
             cells.append("-" if summary["median_r"] is None else
                          f"{summary['median_r']:+.2f} ({summary['min_r']:+.2f} to {summary['max_r']:+.2f})")
         lines.append(f"{r['arch']} | {cells[0]} | {cells[1]} | {min(shrink):.3g}-{max(shrink):.3g}")
-    lines += ["", "## The estimators against T and against accuracy", "",
+    return lines
+
+
+def _estimators_section(studies: list[dict], rows: list[dict]) -> list[str]:
+    """Kendall's tau of each estimator and of T against T and against accuracy."""
+    lines = ["", "## The estimators against T and against accuracy", "",
               "Kendall's tau across the runs at the seed's fine-tuning lr, of each estimator (computed with theta_A's "
               "features before fine-tuning) and of T, against T and against the best validation accuracy:", "",
               "architecture | " + " | ".join(e["title"] for e in studies[0]["regimes"][0]["estimator_agreement"]),
@@ -209,8 +232,7 @@ def comparison_markdown(studies: list[dict], figure: str) -> str:
             vs_acc = e["vs_accuracy"]["kendall_tau"]
             cells.append(f"{'-' if vs_t is None else f'{vs_t:+.2f}'} / {'-' if vs_acc is None else f'{vs_acc:+.2f}'}")
         lines.append(f"{r['arch']} (vs T / vs accuracy) | " + " | ".join(cells))
-    lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def curves_figure_bytes(studies: list[dict]) -> bytes:

@@ -331,12 +331,13 @@ def test_compile_sees_full_batches_only_and_validation_has_its_own_graph(tmp_pat
 
 
 class SignallingSet(torch.utils.data.Dataset):
-    """Eight deterministic 8x8 images; reading ``signal_at`` (once) sends this process SIGTERM."""
+    """``count`` deterministic images of two classes (``size`` px, 8 by default); reading
+    ``signal_at`` (once) sends this process SIGTERM."""
 
     classes = [0, 1]
 
-    def __init__(self, count: int, signal_at: int | None = None, offset: int = 0) -> None:
-        self.count, self.signal_at, self.offset = count, signal_at, offset
+    def __init__(self, count: int, signal_at: int | None = None, offset: int = 0, size: int = 8) -> None:
+        self.count, self.signal_at, self.offset, self.size = count, signal_at, offset, size
 
     def __len__(self) -> int:
         return self.count
@@ -349,7 +350,7 @@ class SignallingSet(torch.utils.data.Dataset):
             self.signal_at = None
             os.kill(os.getpid(), signal.SIGTERM)
         generator = torch.Generator().manual_seed(index + self.offset)
-        return torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=generator), index % 2
+        return torch.randint(0, 256, (3, self.size, self.size), dtype=torch.uint8, generator=generator), index % 2
 
 
 def fit_tiny(path, train, val, resume=None):

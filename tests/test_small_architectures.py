@@ -6,7 +6,6 @@ them what they are, T against a hand computation on built checkpoints, training 
 stopped run that resumes bit for bit."""
 from __future__ import annotations
 
-import os
 import signal
 
 import pytest
@@ -16,6 +15,7 @@ from torch import nn
 from engine.checkpoint import load_checkpoint
 from engine.processes import ProcessInfo
 from engine.settings import TrainSettings
+from test_engine_parts import SignallingSet
 from metrics import layerwise_transferability
 from models import build_model, fresh_initialisation, infer_arch, layer_groups
 
@@ -96,23 +96,9 @@ def test_t_equals_a_hand_computation_on_built_checkpoints(arch):
     assert values == pytest.approx([1.0 if g.is_head else k for g in groups], rel=1e-4)
 
 
-class Images32(torch.utils.data.Dataset):
-    """Deterministic 32-px images of two classes; reading ``signal_at`` (once) sends SIGTERM."""
-
-    classes = [0, 1]
-
-    def __init__(self, count: int, signal_at: int | None = None, offset: int = 0) -> None:
-        self.count, self.signal_at, self.offset = count, signal_at, offset
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int):
-        if index == self.signal_at:
-            self.signal_at = None
-            os.kill(os.getpid(), signal.SIGTERM)
-        generator = torch.Generator().manual_seed(index + self.offset)
-        return torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator), index % 2
+def Images32(count: int, signal_at: int | None = None, offset: int = 0) -> SignallingSet:
+    """32-px images of two classes (the ViT takes no other size); reading ``signal_at`` sends SIGTERM."""
+    return SignallingSet(count, signal_at, offset, size=32)
 
 
 def fit(arch: str, path, train, val, resume=None, **recipe):
