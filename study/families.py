@@ -116,12 +116,12 @@ def comparison_markdown(studies: list[dict], figure: str) -> str:
              "|z(ln N)|; finding 2: decreasing curves by the rule (Spearman <= -0.5 and the first layer ranked 1 "
              "or 2), supported or contradicted only with a one-sided binomial p < 0.05 (docs/analysis.md).", "",
              "architecture | paper's network | median cos_init | best source acc. (%) | best target acc. (%) | "
-             "finding 1, T | finding 2, T | finding 1, scale-free T | finding 2, scale-free T | time: the call "
-             "(training in it)",
+             "finding 1, T | finding 2, T | finding 1, scale-free T | finding 2, scale-free T | training time, "
+             "all calls (the last call's wall time)",
              "--- | --- |:---:|:---:|:---:| --- | --- | --- | --- |:---:"]
     for r in rows:
         in_regime = "" if r["median_cos"] <= 0.05 else " (out of regime)"
-        wall = "-" if r["wall"] is None else f"{r['wall']:.0f} min ({r['compute']:.0f} min)"
+        wall = "-" if r["wall"] is None else f"{r['compute']:.0f} min ({r['wall']:.0f} min)"
         lines.append(f"{r['arch']} | {r['network']} | {r['median_cos']:.3f}{in_regime} | {r['source_acc']:.1f} | "
                      f"{r['target_acc'][0]:.1f}-{r['target_acc'][1]:.1f} | {_finding1_text(r['finding1'])} | "
                      f"{_finding2_text(r['finding2'])} | {_finding1_text(r['finding1_sf'])} | "
