@@ -136,34 +136,36 @@ def layerwise_grid_bytes(panels: Sequence[tuple[str, Sequence[float]]], fmt: str
 
 
 def knob_panels_bytes(panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[Sequence[float]]]]]],
-                      layer_names: Sequence[str], fmt: str = "png") -> bytes:
+                      layer_names: Sequence[str], fmt: str = "png", has_head: bool = True) -> bytes:
     """Layer-wise transferability of a study, one panel per knob with its levels overlaid.
 
     ``panels`` holds ``(title, levels)``; each level is ``(label, curves)``, one curve per
-    seed, the last point of each the head. Per level: the mean over seeds (line and
-    markers) and the range over seeds (a band). The panels share one y scale. The head point
-    (1.0 by definition: fine-tuning replaces the head) is drawn apart, as a hollow grey
-    marker not joined to the measured curve.
+    seed, the last point of each the head when ``has_head`` (a ViT's curves have none). Per
+    level: the mean over seeds (line and markers) and the range over seeds (a band). The panels
+    share one y scale. The head point (1.0 by definition: fine-tuning replaces the head) is
+    drawn apart, as a hollow grey marker not joined to the measured curve.
     """
     count = max(len(panels), 1)
     fig = Figure(figsize=(3.6 * count, 3.4), dpi=150)
     axes = fig.subplots(1, count, sharey=True, squeeze=False)[0]
     points = len(layer_names)
+    measured = points - 1 if has_head else points  # the points drawn as curves
     for ax, (title, levels) in zip(axes, panels):
         for colour, (label, curves) in zip(_COLOURS, levels):
-            body = [[v if math.isfinite(v) else math.nan for v in curve[:-1]] for curve in curves]
+            body = [[v if math.isfinite(v) else math.nan for v in curve[:measured]] for curve in curves]
             if not body:
                 continue
-            xs = list(range(1, points))
+            xs = list(range(1, measured + 1))
             columns = list(zip(*body))
             mean = [math.fsum(c) / len(c) for c in columns]
             ax.fill_between(xs, [min(c) for c in columns], [max(c) for c in columns], color=colour, alpha=0.18,
                             linewidth=0)
             ax.plot(xs, mean, marker="o", markersize=3, linewidth=1.3, color=colour,
                     label=label + (f" ({len(curves)} seeds)" if len(curves) > 1 else ""))
-        ax.plot([points], [1.0], marker="o", markersize=5, markerfacecolor="none", color="0.45", linestyle="none",
-                label="head (1 by definition)" if ax is axes[0] else None)
-        ax.axvline(points - 0.5, color="0.85", linewidth=0.8)
+        if has_head:
+            ax.plot([points], [1.0], marker="o", markersize=5, markerfacecolor="none", color="0.45",
+                    linestyle="none", label="head (1 by definition)" if ax is axes[0] else None)
+            ax.axvline(points - 0.5, color="0.85", linewidth=0.8)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("layer", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
@@ -171,8 +173,9 @@ def knob_panels_bytes(panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[S
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper right")
     axes[0].set_ylabel(r"transferability $T_{FB}(\theta_A)$", fontsize=8)
-    fig.suptitle(f"Layer-wise transferability: mean over seeds, band = range over seeds; layers 1-{points - 1} "
-                 f"({layer_names[0]} ... {layer_names[-2]}), {points} = head", fontsize=8)
+    head = f", {points} = head" if has_head else " (no head point)"
+    fig.suptitle(f"Layer-wise transferability: mean over seeds, band = range over seeds; layers 1-{measured} "
+                 f"({layer_names[0]} ... {layer_names[measured - 1]}){head}", fontsize=8)
     return _encode(fig, fmt)
 
 

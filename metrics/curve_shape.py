@@ -232,6 +232,16 @@ def read_paper_curves(path: str | Path = PAPER_CURVES, architecture: str = "ResN
     return {name: [points[i] for i in sorted(points)] for name, points in curves.items()}
 
 
+# The paper's networks whose published curves end without a head point (ViT-small's figure
+# shows its 12 blocks only; the others' curves end with the head at 1).
+PAPER_CURVES_WITHOUT_HEAD = frozenset({"ViT-small"})
+
+
+def paper_curves_have_head(architecture: str) -> bool:
+    """Whether the paper's curves of ``architecture`` end with a head point."""
+    return architecture not in PAPER_CURVES_WITHOUT_HEAD
+
+
 def paper_architectures(path: str | Path = PAPER_CURVES) -> list[str]:
     """The networks whose curves ``data/paper_curves.csv`` holds, in the file's order."""
     with open(path, newline="") as handle:

@@ -24,7 +24,28 @@ DRAW_SEEDS = tuple(range(1000, 1010))
 
 
 def layer_curve(run: dict, metric: str) -> list[float]:
+    """Every point of the run's curve, head included where the network has one."""
     return run["layers"] if metric == "T" else run["layers_scale_free"]
+
+
+def head_flags(run: dict) -> list[bool]:
+    """Which points of the run's curve are heads (a ViT's curve has none). Runs measured before
+    the flags were recorded: the head is the point without a shrink (shrink is per non-head point)."""
+    if "is_head" in run:
+        return list(run["is_head"])
+    if "shrink" not in run:
+        raise ValueError(f"run {run.get('name')}: no record of which points are heads")
+    return [i >= len(run["shrink"]) for i in range(len(run["layers"]))]
+
+
+def curve_body(run: dict, metric: str = "T") -> list[float]:
+    """The run's curve without its head points."""
+    return [v for v, head in zip(layer_curve(run, metric), head_flags(run), strict=True) if not head]
+
+
+def body_names(run: dict) -> list[str]:
+    """The names of the run's points that are not heads."""
+    return [name for name, head in zip(run["layer_names"], head_flags(run), strict=True) if not head]
 
 
 def finetuned_weights(run: dict, out: Path) -> dict:
@@ -37,11 +58,14 @@ def finetuned_weights(run: dict, out: Path) -> dict:
 def measure_run(study: Study, pretrained: Path, run: dict, theta_b: dict, device: str) -> dict:
     """The run with everything measured from its fine-tuned weights ``theta_b``: T and the
     scale-free T per layer and overall, each layer's shrink and ft_move."""
+    from metrics import HEAD
+
     meter, _ = pretrained_tools(study.arch, pretrained, device)
     result = meter(theta_b)
     return {**run, "T": result.overall, "T_scale_free": result.overall_scale_free,
             "layers": result.values, "layers_scale_free": result.values_scale_free,
             "layer_names": [layer.name for layer in result.layers],
+            "is_head": [layer.status == HEAD for layer in result.layers],
             "shrink": [layer.shrink for layer in result.layers if layer.shrink is not None],
             "ft_move": [layer.ft_move for layer in result.layers if layer.ft_move is not None]}
 
@@ -77,7 +101,7 @@ def pearson(x: list[float], y: list[float]) -> float | None:
 def shrink_correlation(run: dict, metric: str) -> float | None:
     """Pearson's r of ln T_l with ln shrink_l over the run's non-head layers with a finite,
     positive T."""
-    pairs = [(math.log(t), math.log(s)) for t, s in zip(layer_curve(run, metric)[:-1], run["shrink"])
+    pairs = [(math.log(t), math.log(s)) for t, s in zip(curve_body(run, metric), run["shrink"], strict=True)
              if t is not None and math.isfinite(t) and t > 0 and s > 0]
     return pearson([p[0] for p in pairs], [p[1] for p in pairs])
 
@@ -88,7 +112,7 @@ def shrink_summary(runs: list[dict], diagnostics: dict) -> dict:
     summary = {}
     for metric in METRICS:
         rs = [r for r in (shrink_correlation(run, metric) for run in runs) if r is not None]
-        ratios = [[layer_curve(run, metric)[i] / s for run in runs if math.isfinite(layer_curve(run, metric)[i])]
+        ratios = [[curve_body(run, metric)[i] / s for run in runs if math.isfinite(curve_body(run, metric)[i])]
                   for i, s in enumerate(diagnostics["shrink"])]
         summary[metric] = {"r": rs, "median_r": statistics.median(rs) if rs else None,
                            "min_r": min(rs) if rs else None, "max_r": max(rs) if rs else None,
@@ -141,7 +165,7 @@ def findings(runs: list[dict], stats: dict) -> dict:
     for metric in METRICS:
         rows, table = regression_rows(runs, stats, metric)
         fit = fit_log_transferability(rows)
-        second, shapes = finding2_of([layer_curve(run, metric) for run in runs])
+        second, shapes = finding2_of([curve_body(run, metric) for run in runs], has_head=False)
         result[metric] = {"rows": rows, "table": table, "fit": fit, "fit_dict": fit_to_dict(fit),
                           "finding1": finding1(fit), "finding2": second, "shapes": shapes}
     return result
@@ -150,17 +174,15 @@ def findings(runs: list[dict], stats: dict) -> dict:
 def paper_baseline() -> dict:
     """The same two verdicts on the paper's own data: its ResNet-50 table (finding 1) and
     its ResNet-50 layer-wise curves (finding 2)."""
-    from metrics.curve_shape import read_paper_curves
+    from metrics.curve_shape import paper_architectures, paper_curves_have_head, read_paper_curves
     from metrics.regression import finding1, fit_log_transferability, read_table
-
-    from metrics.curve_shape import paper_architectures
 
     fit = fit_log_transferability(read_table(Path(__file__).resolve().parent.parent / "data" / "paper_table.csv"))
     curves = read_paper_curves()
     second, shapes = finding2_of(list(curves.values()))
     # finding 2 on the published curves of the paper's other networks (no table for finding 1)
     others = {network: finding2_of(list(read_paper_curves(architecture=network).values()),
-                                   has_head=network != "ViT-small")[0]
+                                   has_head=paper_curves_have_head(network))[0]
               for network in paper_architectures() if network != "ResNet-50"}
     return {"fit": fit, "finding1": finding1(fit), "finding2": second, "shapes": list(zip(curves, shapes)),
             "networks": others}
@@ -170,12 +192,13 @@ def paper_networks() -> dict[str, dict]:
     """Finding 2 on the published curves of each network of data/paper_curves.csv (ResNet-50's
     twelve, DenseNet-121's and ViT-small's three): per network, the verdict under each rule and
     each curve's shape. ViT-small's curves have no head point."""
-    from metrics.curve_shape import curve_shape, finding2_variants, paper_architectures, read_paper_curves
+    from metrics.curve_shape import (curve_shape, finding2_variants, paper_architectures, paper_curves_have_head,
+                                     read_paper_curves)
 
     result = {}
     for network in paper_architectures():
         curves = read_paper_curves(architecture=network)
-        has_head = network != "ViT-small"
+        has_head = paper_curves_have_head(network)
         shapes = {name: curve_shape(values, has_head=has_head) for name, values in curves.items()}
         result[network] = {"variants": finding2_variants(shapes.values()), "shapes": shapes}
     return result
@@ -214,7 +237,7 @@ def draw_bias(study: Study, pretrained: Path, runs: list[dict], finetuned: list[
         overall.append(statistics.fmean(errors))
         overall_sd.append(statistics.stdev(errors) if len(errors) > 1 else 0.0)
         per_layer.append([statistics.fmean(d.values[i] for d in drawn) / run["layers"][i] - 1
-                          for i in range(len(run["layers"]) - 1)])
+                          for i, head in enumerate(head_flags(run)) if not head])
     layers = [statistics.fmean(run_errors[i] for run_errors in per_layer) for i in range(len(per_layer[0]))]
     return {"seeds": list(seeds), "reproduces_theta_r": reproduces, "runs": len(runs),
             "overall_mean": statistics.fmean(overall), "overall_min": min(overall), "overall_max": max(overall),

@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from models import ARCHITECTURES
-from study.presets import DEFAULT_PRESET, KNOBS, PRESETS, RECIPE, Study, for_arch, knob_levels
+from study.presets import DEFAULT_PRESET, KNOBS, PRESETS, RECIPE, Study, for_arch, knob_levels, ratio_text
 from study.runs import StopSignals, StudyStopped, run_study
 from utils import OneLineArgumentParser, add_device_flag, positive_int
 
@@ -151,7 +151,7 @@ def study_and_report(args: argparse.Namespace, stop: StopSignals, started: float
         return compare_studies(args)
     from metrics.regression import format_fit, partial_regression_figure
     from plotting import knob_panels_bytes
-    from study.analysis import METRICS, paper_baseline
+    from study.analysis import METRICS, body_names, curve_body, head_flags, paper_baseline
     from study.figures import regimes_figure_bytes
     from study.report import report_markdown
     from utils import Outputs, resolve_device
@@ -187,22 +187,23 @@ def study_and_report(args: argparse.Namespace, stop: StopSignals, started: float
                "regimes": [regime_json(regime) for regime in regimes],
                "paper_shapes": {name: shape.as_dict() for name, shape in paper["shapes"]},
                "paper_networks_finding2": paper["networks"]}
-    names = main_regime["runs"][0]["layer_names"]
+    first = main_regime["runs"][0]
+    names, has_head = first["layer_names"], any(head_flags(first))
     curves = [{"name": r["name"], "shrink": r["diagnostics"]["shrink"],
-               **{metric: [run[("layers" if metric == "T" else "layers_scale_free")][:-1] for run in r["runs"]]
-                  for metric in METRICS}} for r in regimes]
+               **{metric: [curve_body(run, metric) for run in r["runs"]] for metric in METRICS}} for r in regimes]
     outputs.add("study_table.csv", main_t["table"])
     outputs.add("study.json", json.dumps(summary, indent=2, default=list))
     outputs.add(figures["regression"], partial_regression_figure(main_t["rows"], main_t["fit"], colour_by="group"))
-    outputs.add(figures["layerwise"], knob_panels_bytes(knob_panels(study, main_regime["runs"]), names))
-    outputs.add(figures["regimes"], regimes_figure_bytes(curves, names[:-1]))
+    outputs.add(figures["layerwise"], knob_panels_bytes(knob_panels(study, main_regime["runs"]), names,
+                                                        has_head=has_head))
+    outputs.add(figures["regimes"], regimes_figure_bytes(curves, body_names(first)))
     outputs.add("report.md", report)
     stop.check()  # the study's files are written whole or not at all
     outputs.commit(announce=lambda path: print(f"wrote {path}"))
     print(format_fit(main_t["fit"], title="ln T = a G + b D + c ln N + d"))
     for regime in regimes:
         d = regime["diagnostics"]
-        print(f"regime {regime['name']}: lr/wd {d['lr_wd_ratio']:,.0f}, lr x wd budget {d['budget']:.2f}, median "
+        print(f"regime {regime['name']}: lr/wd {ratio_text(d['lr_wd_ratio'])}, lr x wd budget {d['budget']:.2f}, median "
               f"cos(theta_r, theta_A) {d['median_cos']:.3f}, best source val acc {d['source_acc']:.1f} %, fine-tuned "
               f"{min(r['best_val_acc'] for r in regime['runs']):.1f}-{max(r['best_val_acc'] for r in regime['runs']):.1f} %")
         for metric, title in METRICS.items():

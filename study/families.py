@@ -242,16 +242,16 @@ def curves_figure_bytes(studies: list[dict]) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from metrics.curve_shape import read_paper_curves
+    from metrics.curve_shape import paper_curves_have_head, read_paper_curves
     from plotting import plain_text
+    from study.analysis import curve_body
 
     figure = Figure(figsize=(10, 2.6 * len(studies)), layout="constrained")
     axes = figure.subplots(len(studies), 2, squeeze=False)
     for (left, right), study in zip(axes, studies):
         arch = study["study"]["arch"]
         runs = study["regimes"][0]["runs"]
-        heads = runs[0]["layer_names"][-1:] if runs[0]["layers"][-1] == 1.0 else []
-        curves = [run["layers"][:len(run["layers"]) - len(heads)] for run in runs]
+        curves = [curve_body(run) for run in runs]
         depth = [(i + 1) / len(curves[0]) for i in range(len(curves[0]))]
         for curve in curves:
             left.plot(depth, curve, color="0.75", linewidth=0.6)
@@ -261,7 +261,7 @@ def curves_figure_bytes(studies: list[dict]) -> bytes:
         left.set_title(plain_text(f"{arch}: T of {len(runs)} runs"), fontsize=9)
         network = paper_curve_network(paper_network(arch))
         for name, values in read_paper_curves(architecture=network).items():
-            body = values[:-1] if network != "ViT-small" else values
+            body = values[:-1] if paper_curves_have_head(network) else values
             right.plot([(i + 1) / len(body) for i in range(len(body))], body, marker=".", markersize=3,
                        linewidth=0.8, label=plain_text(name))
         right.set_yscale("log")

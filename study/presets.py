@@ -138,7 +138,7 @@ ARCH_RECIPES: dict[str, dict] = {
     # applies a sum of lr x weight decay of about 9.4 (lr 1e-3, wd 0.05, 300 epochs of 1,251
     # steps, cosine); this recipe applies the same budget, 9.9, in the preset's 2,370 steps.
     "vit_w96_p4": {"pretrain_optimizer": "adamw", "pretrain_lr": 2e-3, "pretrain_weight_decay": 5.0,
-                   "pretrain_norm_weight_decay": 0.0, "pretrain_warmup_epochs": 3},
+                   "pretrain_norm_weight_decay": 0.0, "pretrain_warmup_epochs": 3, "main_regime": "AdamW, wd 5"},
 }
 
 
@@ -174,6 +174,12 @@ def pretraining_budget(study: Study) -> float:
              else study.pretrain_lr * 0.1 ** ((epoch - warmup) // study.pretrain_lr_step)
              for epoch in range(study.pretrain_epochs)]
     return steps * study.pretrain_weight_decay * sum(rates)
+
+
+def ratio_text(ratio: float) -> str:
+    """lr / weight decay for a table: whole numbers with thousands separators, or two
+    significant digits below 10 (AdamW's ratios are far below 1)."""
+    return f"{ratio:,.0f}" if ratio >= 10 else f"{ratio:.2g}"
 
 
 def lr_wd_ratio(study: Study) -> float:

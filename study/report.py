@@ -5,8 +5,8 @@ import json
 import math
 import statistics
 
-from study.analysis import METRICS, estimator_titles
-from study.presets import IMAGENET_LR_WD_BUDGET, SEED_LR_WD_RATIO, Study
+from study.analysis import METRICS, curve_body, estimator_titles
+from study.presets import IMAGENET_LR_WD_BUDGET, SEED_LR_WD_RATIO, Study, ratio_text
 
 # A regime is "in the paper's regime" on this axis when pre-training took the median layer to a
 # cosine of at most this with its initialisation (issue: the seed's 120 ImageNet epochs).
@@ -79,13 +79,13 @@ def report_regimes(regimes: list[dict]) -> list[str]:
              "follows turn away from their initialisation; the ratio sets the norm they settle at, and so how much "
              "weight decay shrinks each layer. A regime is in the paper's regime on this axis when the median "
              f"layer ends with a cosine similarity of at most {LEFT_INITIALISATION} with its initialisation.", "",
-             "Regime | lr | weight decay (BatchNorm's) | lr / wd | sum of lr x wd | median cos_init | "
+             "Regime | lr | weight decay (normalisation layers') | lr / wd | sum of lr x wd | median cos_init | "
              "best source val. acc. (%) | fine-tuned runs",
              "--- |:---:|:---:|:---:|:---:|:---:|:---:|:---:"]
     for regime in regimes:
         d = regime["diagnostics"]
         norm = "" if d["norm_weight_decay"] is None else f" ({d['norm_weight_decay']:g})"
-        lines.append(f"{regime['name']} | {d['lr']:g} | {d['weight_decay']:g}{norm} | {d['lr_wd_ratio']:,.0f} | "
+        lines.append(f"{regime['name']} | {d['lr']:g} | {d['weight_decay']:g}{norm} | {ratio_text(d['lr_wd_ratio'])} | "
                      f"{d['budget']:.2f} | {d['median_cos']:.3f} | {d['source_acc']:.1f} | {len(regime['runs'])}")
     names = regimes[0]["diagnostics"]["names"]
     lines += ["", "Per layer: D(theta_r, theta_A) (`d_init`), the cosine similarity of theta_r and theta_A "
@@ -173,7 +173,7 @@ def report_table(regimes: list[dict]) -> list[str]:
                          f"{spread([r['T_scale_free'] for r in group], 2)} | "
                          f"{spread([r['best_val_acc'] for r in group], 1)}")
         accs = [r["best_val_acc"] for r in runs]
-        largest = max(v for r in runs for v in r["layers"][:-1] if math.isfinite(v))
+        largest = max(v for r in runs for v in curve_body(r) if math.isfinite(v))
         lines += ["", f"Best validation accuracy over all runs: {min(accs):.1f} to {max(accs):.1f} % (a target "
                   f"that reaches about 95 % or more saturates: its best checkpoint is an early snapshot). "
                   f"Largest T of any layer in any run: {largest:.3g} (values of 1e4 or more mean a layer that "

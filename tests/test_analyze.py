@@ -684,6 +684,33 @@ def test_reproduce_runs_the_same_knobs_and_seeds_for_another_architecture(tmp_pa
     assert presets.for_arch(presets.PRESETS["tiny"], "resnet20") == presets.PRESETS["tiny"]
 
 
+def test_a_study_of_a_network_without_a_head_point_uses_every_point(tmp_path, capsys):
+    """A ViT's curve has no head point (its 12 blocks only): the study must judge, draw and
+    report all 12, not drop the last block as if it were a head, and feed the features at the
+    network's own input size (32 px; the tiny preset's images are 16 px)."""
+    out = tmp_path / "vit"
+    assert run_cli(reproduce.main, ["--preset", "tiny", "--arch", "vit_w96_p4", "--out", str(out),
+                                    "--device", "cpu", "--main_regime_only"]) == 0
+    summary = json.loads((out / "study.json").read_text())
+    regime = summary["regimes"][0]
+    assert regime["name"] == "AdamW, wd 5" and regime["diagnostics"]["lr_wd_ratio"] == pytest.approx(4e-4)
+    assert len(regime["diagnostics"]["shrink"]) == len(regime["diagnostics"]["names"]) == 12
+    for run in summary["runs"]:
+        assert len(run["layers"]) == 12 and not any(run["is_head"])
+    assert all(shape["points"] == 12 for shape in summary["shapes"])
+    for metric in ("T", "T_scale_free"):
+        shapes = regime["findings"][metric]["shapes"]
+        assert all(shape["points"] == 12 for shape in shapes)
+    largest = max(v for run in summary["runs"] for v in run["layers"] if math.isfinite(v))
+    report = (out / "report.md").read_text()
+    assert f"Largest T of any layer in any run: {largest:.3g}" in report
+    assert "AdamW, wd 5 | 0.002 | 5 (0) | 0.0004 |" in report
+    for figure in ("regimes.png", "layerwise_transferability.png", "regression.png"):
+        assert (out / figure).read_bytes().startswith(PNG)
+    assert run_cli(reproduce.main, ["--compare", str(out), "--out", str(tmp_path / "families")]) == 0
+    assert "vit_w96_p4 | ViT-small |" in (tmp_path / "families" / "report.md").read_text()
+
+
 def test_reproduce_compare_puts_the_architectures_beside_the_papers_networks(tmp_path, capsys):
     """--compare reads finished studies only: the regime and verdicts per architecture, each
     regression beside the equation the paper prints for the network of its family, finding 2
