@@ -112,8 +112,8 @@ def shrink_summary(runs: list[dict], diagnostics: dict) -> dict:
     summary = {}
     for metric in METRICS:
         rs = [r for r in (shrink_correlation(run, metric) for run in runs) if r is not None]
-        ratios = [[curve_body(run, metric)[i] / s for run in runs if math.isfinite(curve_body(run, metric)[i])]
-                  for i, s in enumerate(diagnostics["shrink"])]
+        bodies = [curve_body(run, metric) for run in runs]
+        ratios = [[body[i] / s for body in bodies if math.isfinite(body[i])] for i, s in enumerate(diagnostics["shrink"])]
         summary[metric] = {"r": rs, "median_r": statistics.median(rs) if rs else None,
                            "min_r": min(rs) if rs else None, "max_r": max(rs) if rs else None,
                            "ratio_min": [min(v) if v else None for v in ratios],

@@ -173,7 +173,6 @@ def pretrained_tools(arch: str, pretrained: Path, device: str):
 def finetune_and_measure(study: Study, pretrained: Path, target: Target, seed: int, out: Path, device: str) -> dict:
     """Fine-tune one target with one seed, then measure T; cached in the run's result.json."""
     import engine
-    from metrics import HEAD
     from utils import load_state_dict_safely
 
     dataset = dataset_option(target.options, seed)
@@ -202,7 +201,6 @@ def finetune_and_measure(study: Study, pretrained: Path, target: Target, seed: i
         "lr": target.lr, "T": transfer.overall,
         "layers": [layer.transferability for layer in transfer.layers],
         "layer_names": [layer.name for layer in transfer.layers],
-        "is_head": [layer.status == HEAD for layer in transfer.layers],
         "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "final_train_acc": history[-1]["train_acc"],
         "seconds": seconds,
     }
@@ -214,12 +212,12 @@ def measure_dataset(study: Study, pretrained: Path, options: dict, seed: int, ou
     """N, G and D of one target task (features of theta_A, cached under OUT/cache)."""
     from data import build_dataset, build_transform
     from metrics.dataset_stats import dataset_statistics
-    from models import ARCHITECTURES
+    from engine.runs import input_size
     from utils import resolve_device
 
     _, extractor = pretrained_tools(study.arch, pretrained, device)
     dataset = dataset_option(options, seed)
-    size = ARCHITECTURES[study.arch].input_size or options["size"]  # as training feeds it (a ViT: its own size)
+    size = input_size(study.arch, None, dataset)  # the size training fed the network (a ViT: its own)
     target = build_dataset(dataset, None, "train", build_transform(False, size))
     stats = dataset_statistics(target, source_split(study.source, size), extractor, max_samples=study.max_samples,
                                cache_dir=out / "cache", target_key=dataset, source_key=f"synthetic:{study.source}",
